@@ -1,0 +1,31 @@
+"""L2 normalization pieces shared by the backends: inverse norms and the backward of ``x / ||x||``."""
+
+from __future__ import annotations
+
+import torch
+
+#: Same clamp as ``torch.nn.functional.normalize``: a zero row normalizes to zero, not NaN.
+NORM_EPS = 1e-12
+
+
+def inv_norms(x: torch.Tensor) -> torch.Tensor:
+    """``1 / max(||x_i||, eps)`` for the rows of ``x`` [N, D]; returns [N] in x's dtype."""
+    return torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS).reciprocal()
+
+
+def normalize_backward(grad_unit: torch.Tensor, x: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
+    """Gradient with respect to ``x`` [N, D] given the gradient ``grad_unit`` [N, D] of ``x / ||x||``.
+
+    ``d(x/||x||)^T g = (g - <g, x> x / ||x||^2) / ||x||``; ``inv_norm`` is [N]. Computed in the
+    dtype of ``grad_unit``.
+    """
+    x = x.to(grad_unit.dtype)
+    radial = (grad_unit * x).sum(dim=1) * inv_norm.pow(3)
+    return grad_unit * inv_norm[:, None] - radial[:, None] * x
+
+
+def target_logit_grad(
+    grad_lse: torch.Tensor, target_logit: torch.Tensor, lse: torch.Tensor, target_pos: torch.Tensor
+) -> torch.Tensor:
+    """d lse / d target_logit scaled by ``grad_lse``: the target's softmax probability, 0 where absent."""
+    return torch.where(target_pos >= 0, grad_lse * torch.exp(target_logit - lse), 0.0)

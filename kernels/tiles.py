@@ -1,0 +1,50 @@
+"""Building blocks shared by the margin-softmax kernels: gather, cosine tile, softmax gradient tile."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def gather_rows(index_ptr, offs_c, mask_c, HAS_INDEX: tl.constexpr):
+    """Row numbers in the weight of sampled positions ``offs_c`` (identity when nothing is sampled)."""
+    if HAS_INDEX:
+        rows = tl.load(index_ptr + offs_c, mask=mask_c, other=0)
+    else:
+        rows = offs_c
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def cosine_tile(
+    x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w, x_inv_norm, w_inv_norm,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """cos[b, c] = <x_b, w_rows[c]> * x_inv_norm[b] * w_inv_norm[c], fp32 [BLOCK_B, BLOCK_C].
+
+    The inverse norms are applied here, in the epilogue, so no normalized copy of either operand
+    is ever written. Padding rows/columns load zeros and give cos = 0.
+    """
+    acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
+    offs_d = tl.arange(0, BLOCK_D)
+    for d0 in range(0, dim, BLOCK_D):
+        d = d0 + offs_d
+        mask_d = d < dim
+        x = tl.load(x_ptr + offs_b[:, None] * stride_x + d[None, :],
+                    mask=mask_b[:, None] & mask_d[None, :], other=0.0)
+        w = tl.load(w_ptr + rows[None, :] * stride_w + d[:, None],
+                    mask=mask_d[:, None] & mask_c[None, :], other=0.0)
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    return acc * x_inv_norm[:, None] * w_inv_norm[None, :]
+
+
+@triton.jit
+def cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, scale):
+    """dL/dcos for the non-target logits s*cos: grad_lse[b] * s * softmax[b, c].
+
+    Zero at each row's target column (its gradient flows through the margin in PyTorch) and at
+    padding columns. Padding rows carry ``grad_lse = 0`` and so give zero too.
+    """
+    prob = tl.exp(scale * cos - lse[:, None])
+    keep = mask_c[None, :] & (offs_c[None, :] != target_pos[:, None])
+    return tl.where(keep, (grad_lse * scale)[:, None] * prob, 0.0)

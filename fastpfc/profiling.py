@@ -1,0 +1,54 @@
+"""Peak-memory measurement for tests and benchmarks, on CUDA and on the CPU.
+
+CUDA: the delta of ``torch.cuda.max_memory_allocated`` over the call. CPU (Linux): the process's
+peak resident set size over the call, read from ``/proc/self/status`` after resetting it through
+``/proc/self/clear_refs``. For that to see every large tensor, glibc is asked (once, process-wide)
+to serve allocations of 64 KiB and more with their own mappings, which go back to the system
+when freed, instead of recycling heap pages that are already resident.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import gc
+import re
+import sys
+from collections.abc import Callable
+
+import torch
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_BYTES = 64 * 1024
+
+
+@functools.cache
+def _pin_malloc_thresholds() -> None:
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_BYTES)
+    libc.mallopt(_M_TRIM_THRESHOLD, _MMAP_BYTES)
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1)) * 1024
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[object, int]:
+    """Run ``fn()`` and return ``(its result, peak bytes allocated above the level before it)``."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result, torch.cuda.max_memory_allocated(device) - base
+    if not sys.platform.startswith("linux"):
+        raise NotImplementedError("CPU peak memory is measured through /proc, on Linux only")
+    _pin_malloc_thresholds()
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
+    result = fn()
+    return result, _status_bytes("VmHWM") - base

@@ -1,0 +1,43 @@
+"""Problem generators and comparison helpers shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def make_problem(batch: int, num_classes: int, dim: int, num_sampled: int | None = None, seed: int = 0,
+                 device: torch.device = DEVICE) -> dict[str, torch.Tensor | None]:
+    """Fresh random float64 embeddings/centers, labels, and (optionally) a sorted sample index.
+
+    Centers get a spread of norms (never all equal) so the normalization backward is exercised.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, dim, generator=gen, dtype=torch.float64) * 3.0
+    w = torch.randn(num_classes, dim, generator=gen, dtype=torch.float64)
+    w *= torch.rand(num_classes, 1, generator=gen, dtype=torch.float64) + 0.5
+    labels = torch.randint(0, num_classes, (batch,), generator=gen)
+    index = None
+    if num_sampled is not None:
+        extra = torch.randperm(num_classes, generator=gen)[:num_sampled]
+        index = torch.unique(torch.cat([labels, extra]))
+    return {name: None if t is None else t.to(device)
+            for name, t in {"x": x, "w": w, "labels": labels, "index": index}.items()}
+
+
+def loss_and_grads(fn, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``fn(x, w)`` reduced to a scalar by a fixed random weighting, and its gradients."""
+    x = x.detach().requires_grad_()
+    w = w.detach().requires_grad_()
+    out = fn(x, w)
+    weights = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype, device=out.device).reshape(out.shape)
+    total = (out * weights).sum()
+    grad_x, grad_w = torch.autograd.grad(total, (x, w))
+    return out.detach(), grad_x, grad_w
+
+
+def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute error, relative to the largest magnitude of ``expected``."""
+    scale = expected.abs().max().clamp_min(1e-30)
+    return float((actual.double() - expected.double()).abs().max() / scale)

@@ -1,0 +1,162 @@
+"""Both backends against the float64 reference, on ragged shapes that do not fill whole tiles."""
+
+import pytest
+import torch
+
+import fastpfc.lse_torch
+from fastpfc import ArcFace, CombinedMargin, CosFace, Softmax, margin_softmax_lse, partial_fc_loss
+from fastpfc.reference import reference_partial_fc_loss
+
+from helpers import DEVICE, loss_and_grads, make_problem, max_rel_error
+
+MARGINS = [CosFace(s=64.0, m=0.4), ArcFace(s=64.0, m=0.5), CombinedMargin(s=32.0, m1=1.2, m2=0.3, m3=0.1),
+           Softmax(s=30.0), ArcFace(s=64.0, m=0.5, straight_through=True)]
+SMALL_TILES = dict(block_b=16, block_c=16, block_d=16, block_d_out=16, num_splits=3)
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """The backend under test; Triton with small tiles and 3 class splits to cross every boundary,
+    the torch backend with small class chunks for the same reason."""
+    if request.param == "triton":
+        from fastpfc import lse_triton
+        from fastpfc.kernels import TileConfig
+        monkeypatch.setattr(lse_triton, "default_config", lambda device, dim: TileConfig(**SMALL_TILES))
+    else:
+        monkeypatch.setattr(fastpfc.lse_torch, "_BLOCK_ELEMENTS", 37 * 29)
+        monkeypatch.setattr(fastpfc.lse_torch, "_MIN_CHUNK", 1)
+    return request.param
+
+
+@pytest.mark.parametrize("margin", MARGINS, ids=lambda m: repr(m))
+@pytest.mark.parametrize("num_sampled", [None, 45])
+def test_loss_and_grads_match_float64_reference(backend, margin, num_sampled):
+    p = make_problem(batch=37, num_classes=83, dim=40, num_sampled=num_sampled, seed=1)
+
+    def ours(x, w):
+        return partial_fc_loss(x, w, p["labels"], margin, p["index"], reduction="none", backend=backend)
+
+    def reference(x, w):
+        return reference_partial_fc_loss(x, w, p["labels"], margin, p["index"], reduction="none")
+
+    expected = loss_and_grads(reference, p["x"], p["w"])
+    actual = loss_and_grads(ours, p["x"].float(), p["w"].float())
+    for name, a, e in zip(("loss", "grad_x", "grad_w"), actual, expected, strict=False):
+        assert a.shape == e.shape
+        assert max_rel_error(a, e) < 2e-5, name
+    if p["index"] is not None:  # rows that were not sampled get exactly zero gradient
+        unsampled = torch.ones(83, dtype=torch.bool, device=DEVICE)
+        unsampled[p["index"]] = False
+        assert torch.all(actual[2][unsampled] == 0)
+        assert torch.all(actual[2][~unsampled].abs().sum(1) > 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_reductions(backend, reduction):
+    p = make_problem(batch=21, num_classes=50, dim=24, num_sampled=20, seed=2)
+    margin = CosFace()
+    out = partial_fc_loss(p["x"].float(), p["w"].float(), p["labels"], margin, p["index"], reduction=reduction,
+                          backend=backend)
+    expected = reference_partial_fc_loss(p["x"], p["w"], p["labels"], margin, p["index"], reduction=reduction)
+    assert out.shape == expected.shape
+    assert max_rel_error(out, expected) < 2e-5
+
+
+def test_lse_with_absent_targets(backend):
+    """target_pos = -1 (the row's class lives on another shard): a plain LSE of s * cos for that row."""
+    p = make_problem(batch=19, num_classes=70, dim=33, seed=3)
+    target_pos = p["labels"].clone()
+    target_pos[::3] = -1
+    target_logit = torch.randn(19, dtype=torch.float64, device=DEVICE) * 10
+    scale = 20.0
+
+    def ours(x, w):
+        return margin_softmax_lse(x, w, None, target_pos, target_logit.float(), scale, backend)
+
+    def reference(x, w):
+        logits = scale * torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w).T
+        rows = torch.nonzero(target_pos >= 0).flatten()
+        logits = logits.index_put((rows, target_pos[rows]), target_logit[rows])
+        return torch.logsumexp(logits, dim=1)
+
+    expected = loss_and_grads(reference, p["x"], p["w"])
+    actual = loss_and_grads(ours, p["x"].float(), p["w"].float())
+    for a, e in zip(actual, expected, strict=False):
+        assert max_rel_error(a, e) < 2e-5
+
+
+def test_target_logit_gradient(backend):
+    """d lse / d target_logit is the target's softmax probability (0 where the target is absent)."""
+    p = make_problem(batch=9, num_classes=30, dim=17, seed=4)
+    target_pos = p["labels"].clone()
+    target_pos[0] = -1
+    target_logit = (torch.randn(9, dtype=torch.float64, device=DEVICE) * 5).requires_grad_()
+    lse = margin_softmax_lse(p["x"].float(), p["w"].float(), None, target_pos, target_logit.float(), 16.0, backend)
+    (grad,) = torch.autograd.grad(lse.sum(), target_logit)
+    logits = 16.0 * torch.nn.functional.normalize(p["x"]) @ torch.nn.functional.normalize(p["w"]).T
+    rows = torch.arange(1, 9, device=DEVICE)
+    logits[rows, target_pos[rows]] = target_logit.detach()[rows]
+    expected = torch.softmax(logits, dim=1)[rows, target_pos[rows]]
+    assert grad[0] == 0
+    assert max_rel_error(grad[1:], expected) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_no_worse_than_reference(backend, dtype):
+    """fp16/bf16 inputs: error vs float64 within the plain reference's error at that dtype, plus slack."""
+    p = make_problem(batch=33, num_classes=75, dim=48, num_sampled=40, seed=5)
+    margin = ArcFace()
+
+    def ours(x, w):
+        return partial_fc_loss(x, w, p["labels"], margin, p["index"], reduction="none", backend=backend)
+
+    def reference(x, w):
+        return reference_partial_fc_loss(x, w, p["labels"], margin, p["index"], reduction="none")
+
+    exact = loss_and_grads(reference, p["x"], p["w"])
+    low_ref = loss_and_grads(reference, p["x"].to(dtype), p["w"].float())
+    low_ours = loss_and_grads(ours, p["x"].to(dtype), p["w"].float())
+    for name, ours_t, ref_t, exact_t in zip(("loss", "grad_x", "grad_w"), low_ours, low_ref, exact, strict=False):
+        assert torch.isfinite(ours_t).all(), name
+        assert ours_t.dtype == ref_t.dtype, name
+        assert max_rel_error(ours_t, exact_t) <= 1.5 * max_rel_error(ref_t, exact_t) + 1e-3, name
+
+
+def test_zero_norm_rows_are_finite(backend):
+    p = make_problem(batch=12, num_classes=40, dim=20, seed=6)
+    x = p["x"].float()
+    x[3] = 0.0
+    w = p["w"].float()
+    w[p["labels"][5]] = 0.0
+    loss, grad_x, grad_w = loss_and_grads(
+        lambda x, w: partial_fc_loss(x, w, p["labels"], CosFace(), reduction="none", backend=backend), x, w)
+    expected = reference_partial_fc_loss(x.double(), w.double(), p["labels"], CosFace(), reduction="none")
+    assert max_rel_error(loss, expected) < 2e-5
+    assert torch.isfinite(grad_x).all() and torch.isfinite(grad_w).all()
+
+
+def test_bitwise_deterministic(backend):
+    p = make_problem(batch=40, num_classes=90, dim=36, num_sampled=50, seed=7)
+
+    def run():
+        return loss_and_grads(
+            lambda x, w: partial_fc_loss(x, w, p["labels"], ArcFace(), p["index"], backend=backend),
+            p["x"].float(), p["w"].float())
+
+    for first, second in zip(run(), run(), strict=False):
+        assert torch.equal(first, second)
+
+
+def test_torch_backend_gradcheck(monkeypatch):
+    monkeypatch.setattr(fastpfc.lse_torch, "_BLOCK_ELEMENTS", 12)
+    monkeypatch.setattr(fastpfc.lse_torch, "_MIN_CHUNK", 1)
+    p = make_problem(batch=5, num_classes=11, dim=6, num_sampled=4, seed=8, device=torch.device("cpu"))
+    target_logit = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    target_pos = torch.searchsorted(p["index"], p["labels"])
+    target_pos[1] = -1
+    inputs = (p["x"].requires_grad_(), p["w"].requires_grad_(), target_logit)
+    assert torch.autograd.gradcheck(
+        lambda x, w, t: margin_softmax_lse(x, w, p["index"], target_pos, t, 3.0, "torch"), inputs)
+    assert torch.autograd.gradcheck(
+        lambda x, w: partial_fc_loss(x, w, p["labels"], ArcFace(s=3.0, m=0.5), p["index"], backend="torch"),
+        inputs[:2])

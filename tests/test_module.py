@@ -1,0 +1,132 @@
+"""PartialFCLoss as a user sees it: API, sampling, reductions, state, training."""
+
+import io
+
+import pytest
+import torch
+
+import fastpfc.loss
+from fastpfc import ArcFace, CosFace, PartialFCLoss, reference_partial_fc_loss
+from fastpfc.functional import resolve_backend
+from fastpfc.sampling import sample_centers
+
+
+def _inputs(batch, dim, num_classes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, dim, generator=gen), torch.randint(0, num_classes, (batch,), generator=gen)
+
+
+def test_weight_initialisation():
+    loss_fn = PartialFCLoss(embedding_size=64, num_classes=3000)
+    assert isinstance(loss_fn.weight, torch.nn.Parameter)
+    assert loss_fn.weight.shape == (3000, 64) and loss_fn.weight.dtype == torch.float32
+    assert abs(loss_fn.weight.std().item() - 0.01) < 5e-4
+    assert abs(loss_fn.weight.mean().item()) < 5e-4
+
+
+def test_full_softmax_matches_reference_and_skips_sampling(monkeypatch):
+    monkeypatch.setattr(fastpfc.loss, "sample_centers", None)  # would raise if called
+    loss_fn = PartialFCLoss(32, 100, margin=ArcFace(), sample_rate=1.0)
+    x, labels = _inputs(24, 32, 100)
+    x.requires_grad_()
+    loss = loss_fn(x, labels)
+    loss.backward()
+    expected = reference_partial_fc_loss(x.double(), loss_fn.weight.double(), labels, ArcFace())
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert loss_fn.weight.grad.abs().sum(dim=1).gt(0).all()
+
+
+def test_sampled_loss_uses_module_generator():
+    loss_fn = PartialFCLoss(16, 500, margin=CosFace(), sample_rate=0.1, seed=123)
+    x, labels = _inputs(40, 16, 500)
+    loss = loss_fn(x, labels)
+    index, _ = sample_centers(labels, 500, 0.1, torch.Generator().manual_seed(123))
+    expected = reference_partial_fc_loss(x.double(), loss_fn.weight.double(), labels, CosFace(), index)
+    assert torch.allclose(loss.double(), expected, rtol=1e-5)
+    loss.backward()
+    touched = loss_fn.weight.grad.abs().sum(dim=1) > 0
+    assert torch.equal(touched.nonzero().flatten(), index)
+
+
+def test_reductions_and_changing_batch_size():
+    x, labels = _inputs(30, 8, 50)
+    losses = {r: PartialFCLoss(8, 50, reduction=r, seed=0) for r in ("mean", "sum", "none")}
+    for loss_fn in losses.values():
+        loss_fn.weight.data.copy_(losses["mean"].weight.data)
+    per_row = losses["none"](x, labels)
+    assert per_row.shape == (30,)
+    assert torch.allclose(losses["sum"](x, labels), per_row.sum())
+    assert torch.allclose(losses["mean"](x, labels), per_row.mean())
+    assert losses["none"](x[:7], labels[:7]).shape == (7,)
+    assert losses["none"](x[:1], labels[:1]).shape == (1,)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_empty_batch(reduction):
+    loss_fn = PartialFCLoss(8, 50, sample_rate=0.5, reduction=reduction)
+    x = torch.empty(0, 8, requires_grad=True)
+    loss = loss_fn(x, torch.empty(0, dtype=torch.long))
+    assert loss.shape == ((0,) if reduction == "none" else ())
+    assert torch.all(loss == 0)
+    loss.sum().backward()
+    assert x.grad.shape == (0, 8)
+    assert torch.all(loss_fn.weight.grad == 0)
+
+
+def test_int32_labels_and_low_precision_embeddings():
+    loss_fn = PartialFCLoss(16, 40)
+    x, labels = _inputs(10, 16, 40)
+    base = loss_fn(x, labels)
+    assert torch.equal(loss_fn(x, labels.int()), base)
+    half = loss_fn(x.bfloat16(), labels)
+    assert half.dtype == torch.float32 and abs(half.item() - base.item()) < 0.05 * abs(base.item())
+
+
+def test_state_dict_resumes_sampling_exactly():
+    x, labels = _inputs(32, 16, 400)
+    original = PartialFCLoss(16, 400, sample_rate=0.2, seed=5)
+    for _ in range(3):
+        original(x, labels)
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = PartialFCLoss(16, 400, sample_rate=0.2, seed=999)
+    resumed.load_state_dict(torch.load(buffer, weights_only=False))
+    assert torch.equal(resumed.weight, original.weight)
+    for _ in range(3):
+        assert torch.equal(resumed(x, labels), original(x, labels))
+
+
+def test_backend_selection():
+    assert resolve_backend("auto", torch.device("cpu")) == "torch"
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("cuda", torch.device("cpu"))
+
+
+def test_training_on_separable_data_improves_accuracy():
+    """A linear embedding trained with the loss separates 20 Gaussian classes."""
+    torch.manual_seed(0)
+    num_classes, dim_in, dim = 20, 32, 16
+    means = torch.randn(num_classes, dim_in) * 2.0
+    model = torch.nn.Linear(dim_in, dim)
+    loss_fn = PartialFCLoss(dim, num_classes, margin=CosFace(s=16.0, m=0.2), sample_rate=0.5, seed=0)
+    optimizer = torch.optim.SGD([*model.parameters(), *loss_fn.parameters()], lr=0.5, momentum=0.9)
+
+    def accuracy():
+        labels = torch.arange(num_classes).repeat(20)
+        with torch.no_grad():
+            emb = torch.nn.functional.normalize(model(means[labels] + torch.randn(len(labels), dim_in)))
+            pred = (emb @ torch.nn.functional.normalize(loss_fn.weight).T).argmax(dim=1)
+        return (pred == labels).float().mean().item()
+
+    before = accuracy()
+    for _ in range(150):
+        labels = torch.randint(0, num_classes, (64,))
+        loss = loss_fn(model(means[labels] + torch.randn(64, dim_in)), labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = accuracy()
+    assert before < 0.3 and after > 0.9, (before, after)

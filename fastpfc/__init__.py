@@ -1,6 +1,6 @@
 """fastpfc: fused PartialFC margin-softmax loss (ArcFace/CosFace) for millions of classes."""
 
-from .functional import margin_softmax_lse, partial_fc_loss
+from .functional import margin_softmax, partial_fc_loss
 from .loss import PartialFCLoss
 from .margins import MARGINS, ArcFace, CombinedMargin, CosFace, Margin, Softmax, create_margin
 from .reference import reference_partial_fc_loss
@@ -17,7 +17,7 @@ __all__ = [
     "PartialFCLoss",
     "Softmax",
     "create_margin",
-    "margin_softmax_lse",
+    "margin_softmax",
     "partial_fc_loss",
     "reference_partial_fc_loss",
     "sample_centers",

@@ -1,17 +1,29 @@
-"""Functional entry points: the margin-softmax log-sum-exp and the PartialFC loss."""
+"""Functional entry points: the fused margin softmax and the PartialFC loss.
+
+A backend is a module with three functions (see ``torch_backend`` and ``triton_backend``):
+
+* ``check_tensors(x, weight)``: raise a clear error for inputs it cannot take;
+* ``forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale)`` -> ``(lse, saved)``;
+* ``backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
+  need_x, need_weight)`` -> ``(grad of x / ||x||, grad of weight)``, either ``None`` when not needed.
+
+:class:`MarginSoftmax` does the part every backend shares, in PyTorch on B values: the target
+cosines, the margin and its exact gradient (by autograd on those B values), the backward of the
+embedding normalization.
+"""
 
 from __future__ import annotations
 
 import importlib
+from types import ModuleType
 
 import torch
-import torch.nn.functional as F
 
 from .margins import Margin
+from .normalize import inv_norms, normalize_backward
 
-#: Backend name -> module providing ``margin_softmax_lse``; imported on first use, so the torch
-#: backend works where Triton is not installed.
-BACKENDS: dict[str, str] = {"torch": "fastpfc.lse_torch", "triton": "fastpfc.lse_triton"}
+#: Backend name -> module; imported on first use, so the torch backend works without Triton.
+BACKENDS: dict[str, str] = {"torch": "fastpfc.torch_backend", "triton": "fastpfc.triton_backend"}
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -24,48 +36,80 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     return backend
 
 
-def margin_softmax_lse(
+def _row_major(t: torch.Tensor) -> torch.Tensor:
+    """Rows are addressed by stride; the embedding dimension must be contiguous."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class MarginSoftmax(torch.autograd.Function):
+    """``(lse, target_logit)`` of the margin logits; see :func:`margin_softmax`."""
+
+    @staticmethod
+    def forward(ctx, x, weight, index, target_pos, margin: Margin, backend: ModuleType):
+        backend.check_tensors(x, weight)
+        x, weight = _row_major(x), _row_major(weight)
+        x_c = x.to(torch.promote_types(x.dtype, torch.float32))
+        x_inv_norm = inv_norms(x_c)
+        has_target = target_pos >= 0
+        target_rows = target_pos.clamp_min(0) if index is None else index[target_pos.clamp_min(0)]
+        w_target = weight[target_rows].to(x_c.dtype)
+        cos_target = (x_c * w_target).sum(dim=1) * x_inv_norm * inv_norms(w_target)
+        target_logit = torch.where(has_target, margin(cos_target), 0.0)
+        lse, saved = backend.forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, margin.scale)
+        ctx.save_for_backward(x, weight, index, target_pos, x_inv_norm, cos_target, target_logit, lse, *saved)
+        ctx.margin, ctx.backend = margin, backend
+        return lse, target_logit
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_target_logit):
+        x, weight, index, target_pos, x_inv_norm, cos_target, target_logit, lse, *saved = ctx.saved_tensors
+        has_target = target_pos >= 0
+        # The target logit feeds the LSE (softmax weight of the target) and the output itself.
+        grad_logit = torch.where(has_target, grad_lse * torch.exp(target_logit - lse) + grad_target_logit, 0.0)
+        with torch.enable_grad():
+            cos = cos_target.detach().requires_grad_()
+            (grad_target_cos,) = torch.autograd.grad(ctx.margin(cos), cos, grad_logit)
+        grad_unit_x, grad_weight = ctx.backend.backward(
+            x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, ctx.margin.scale,
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        grad_x = None if grad_unit_x is None else normalize_backward(grad_unit_x, x, x_inv_norm).to(x.dtype)
+        return grad_x, grad_weight, None, None, None, None
+
+
+def margin_softmax(
     embeddings: torch.Tensor,
     weight: torch.Tensor,
     index: torch.Tensor | None,
     target_pos: torch.Tensor,
-    target_logit: torch.Tensor,
-    scale: float,
+    margin: Margin,
     backend: str = "auto",
-) -> torch.Tensor:
-    """Log-sum-exp over the sampled classes of the margin logits, without a [B, C] buffer.
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-sum-exp of the margin logits over the used classes, and the target logits.
 
-    ``logit[b, c] = target_logit[b]`` at ``c == target_pos[b]`` and ``scale * cos(x_b, W[index[c]])``
-    elsewhere. Differentiable in ``embeddings``, ``weight`` and ``target_logit``.
+    ``logit[b, c] = margin(cos(x_b, W[index[c]]))`` at ``c == target_pos[b]`` and
+    ``margin.scale * cos(x_b, W[index[c]])`` elsewhere. No [B, C] buffer is allocated.
+    Differentiable (both outputs) in ``embeddings`` and ``weight``.
 
     Args:
-        embeddings: [B, D] fp32/fp16/bf16 (fp64 on the torch backend).
-        weight: [C_total, D] class centers.
+        embeddings: [B, D] fp32/fp16/bf16 (fp64 on the torch backend), not normalized.
+        weight: [C_total, D] class centers, not normalized.
         index: int64 [C] sorted unique rows of ``weight`` to use, or ``None`` for all of them.
-        target_pos: int64 [B], position of each row's target among the used classes, -1 for none
+        target_pos: int64 [B], each row's target position among the used classes, or -1 for none
             (a row whose class lives on another rank).
-        target_logit: [B] margin-adjusted target logits.
-        scale: the logit scale ``s``.
+        margin: a :class:`fastpfc.margins.Margin`.
         backend: ``'auto'``, ``'triton'`` or ``'torch'``.
 
     Returns:
-        [B] fp32 (fp64 for fp64 inputs): the per-row LSE over these classes. Across shards of the
-        classes, ``torch.logsumexp`` of the shards' results is the LSE over all of them.
+        ``lse``: [B] fp32 (fp64 for fp64 inputs), the per-row LSE over these classes. Over shards
+        of the classes, ``torch.logsumexp`` of the shards' ``lse`` is the LSE over all of them.
+        ``target_logit``: [B], same dtype, 0 where ``target_pos`` is -1.
     """
-    name = resolve_backend(backend, embeddings.device)
-    module = importlib.import_module(BACKENDS[name])
-    return module.margin_softmax_lse(embeddings, weight, index, target_pos, target_logit, scale)
-
-
-def target_cosines(embeddings: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """cos(x_b, W[labels[b]]) for the B target classes, [B] in fp32 (fp64 for fp64 inputs)."""
-    dtype = torch.promote_types(embeddings.dtype, torch.float32)
-    x = F.normalize(embeddings.to(dtype), dim=1)
-    w = F.normalize(weight[labels].to(dtype), dim=1)
-    return (x * w).sum(dim=1)
+    module = importlib.import_module(BACKENDS[resolve_backend(backend, embeddings.device)])
+    return MarginSoftmax.apply(embeddings, weight, index, target_pos, margin, module)
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Apply ``'mean'``, ``'sum'`` or ``'none'`` to per-row losses [B]."""
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
@@ -94,7 +138,7 @@ def partial_fc_loss(
         margin: a :class:`fastpfc.margins.Margin`.
         index: int64 [C] sorted unique class ids, e.g. from :func:`fastpfc.sampling.sample_centers`.
         target_pos: int64 [B], ``labels``' positions in ``index`` (computed when ``None``).
-        reduction: ``'mean'``, ``'sum'`` or ``'none'`` (then [B]).
+        reduction: ``'mean'``, ``'sum'`` or ``'none'`` (then [B], fp32).
         backend: ``'auto'``, ``'triton'`` or ``'torch'``.
 
     An empty batch gives a zero loss (an empty [0] tensor for ``'none'``) that still
@@ -105,6 +149,5 @@ def partial_fc_loss(
         return empty if reduction == "none" else empty.sum()
     if target_pos is None:
         target_pos = labels if index is None else torch.searchsorted(index, labels)
-    target_logit = margin(target_cosines(embeddings, weight, labels))
-    lse = margin_softmax_lse(embeddings, weight, index, target_pos, target_logit, margin.scale, backend)
+    lse, target_logit = margin_softmax(embeddings, weight, index, target_pos, margin, backend)
     return reduce_loss(lse - target_logit, reduction)

@@ -23,9 +23,3 @@ def normalize_backward(grad_unit: torch.Tensor, x: torch.Tensor, inv_norm: torch
     radial = (grad_unit * x).sum(dim=1) * inv_norm.pow(3)
     return grad_unit * inv_norm[:, None] - radial[:, None] * x
 
-
-def target_logit_grad(
-    grad_lse: torch.Tensor, target_logit: torch.Tensor, lse: torch.Tensor, target_pos: torch.Tensor
-) -> torch.Tensor:
-    """d lse / d target_logit scaled by ``grad_lse``: the target's softmax probability, 0 where absent."""
-    return torch.where(target_pos >= 0, grad_lse * torch.exp(target_logit - lse), 0.0)

@@ -16,8 +16,9 @@ fixed order, so results are bitwise reproducible without atomics:
 * center side: ``v[c] = sum_b G[b, c] * x_b / ||x_b||`` and ``k[c] = sum_b G[b, c] * cos[b, c]``,
   finished in the kernel into ``dW[rows[c]] = (v[c] - k[c] * W[rows[c]] / ||W||) / ||W||``,
 
-where ``G = dL/dcos`` of the non-target logits. The target column's gradient flows through the
-margin in PyTorch, so any margin works without touching these kernels.
+where ``G = dL/dcos``. At the target column ``G`` is the gradient that came back through the
+margin, which the caller computes in PyTorch on the B target cosines: any margin works without
+touching these kernels, and the gradient of the centers is written once, by one kernel.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _partial_lse_kernel(
 
 @triton.jit
 def _grad_embeddings_kernel(
-    x_ptr, w_ptr, index_ptr, x_inv_norm_ptr, w_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, out_ptr,
+    x_ptr, w_ptr, index_ptr, x_inv_norm_ptr, w_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr,
+    out_ptr,
     batch, num_cols, dim, stride_x, stride_w, cols_per_split, scale,
     HAS_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_D_OUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -80,6 +82,7 @@ def _grad_embeddings_kernel(
     target_pos = tl.load(target_pos_ptr + offs_b, mask=mask_b, other=-1)
     lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
     grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
+    grad_target_cos = tl.load(grad_target_cos_ptr + offs_b, mask=mask_b, other=0.0)
     acc = tl.zeros((BLOCK_B, BLOCK_D_OUT), dtype=tl.float32)
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, num_cols)
@@ -90,7 +93,7 @@ def _grad_embeddings_kernel(
         w_inv_norm = tl.load(w_inv_norm_ptr + offs_c, mask=mask_c, other=0.0)
         cos = cosine_tile(x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w,
                           x_inv_norm, w_inv_norm, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-        grad_cos = cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, scale)
+        grad_cos = cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, grad_target_cos, scale)
         w = tl.load(w_ptr + rows[:, None] * stride_w + offs_o[None, :],
                     mask=mask_c[:, None] & mask_o[None, :], other=0.0)
         acc = tl.dot((grad_cos * w_inv_norm[None, :]).to(DOT_DTYPE), w.to(DOT_DTYPE), acc,
@@ -101,7 +104,8 @@ def _grad_embeddings_kernel(
 
 @triton.jit
 def _grad_centers_kernel(
-    x_ptr, w_ptr, index_ptr, x_inv_norm_ptr, w_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_w_ptr,
+    x_ptr, w_ptr, index_ptr, x_inv_norm_ptr, w_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr,
+    grad_w_ptr,
     batch, num_cols, dim, stride_x, stride_w, stride_grad_w, scale,
     HAS_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_D_OUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
@@ -121,9 +125,10 @@ def _grad_centers_kernel(
         target_pos = tl.load(target_pos_ptr + offs_b, mask=mask_b, other=-1)
         lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
         grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
+        grad_target_cos = tl.load(grad_target_cos_ptr + offs_b, mask=mask_b, other=0.0)
         cos = cosine_tile(x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w,
                           x_inv_norm, w_inv_norm, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-        grad_cos = cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, scale)
+        grad_cos = cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, grad_target_cos, scale)
         cos_weighted += tl.sum(grad_cos * cos, axis=0)
         x = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_o[None, :],
                     mask=mask_b[:, None] & mask_o[None, :], other=0.0)
@@ -186,11 +191,12 @@ def partial_lse(
 def grad_embeddings_partial(
     x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
     x_inv_norm: torch.Tensor, w_inv_norm: torch.Tensor, target_pos: torch.Tensor,
-    lse: torch.Tensor, grad_lse: torch.Tensor, scale: float, config: TileConfig,
+    lse: torch.Tensor, grad_lse: torch.Tensor, grad_target_cos: torch.Tensor, scale: float, config: TileConfig,
 ) -> torch.Tensor:
     """Per-split ``u[b] = sum_c dL/dcos[b, c] * W[rows[c]] / ||W[rows[c]]||``, fp32 [num_splits, B, D].
 
-    ``lse`` and ``grad_lse`` are fp32 [B]; the other arguments are as in :func:`partial_lse`.
+    ``lse``, ``grad_lse`` (upstream gradient of the LSE) and ``grad_target_cos`` (dL/dcos at the
+    target column, through the margin) are fp32 [B]; the rest is as in :func:`partial_lse`.
     The caller sums the splits and applies the backward of ``x / ||x||``.
     """
     batch, dim = x.shape
@@ -202,7 +208,7 @@ def grad_embeddings_partial(
     grid = (row_tiles, num_splits, triton.cdiv(dim, config.block_d_out))
     _grad_embeddings_kernel[grid](
         x, weight, index if index is not None else target_pos, x_inv_norm, w_inv_norm, target_pos, lse,
-        grad_lse, out, batch, num_cols, dim, x.stride(0), weight.stride(0), cols_per_split, scale,
+        grad_lse, grad_target_cos, out, batch, num_cols, dim, x.stride(0), weight.stride(0), cols_per_split, scale,
         HAS_INDEX=index is not None, BLOCK_D_OUT=config.block_d_out, **_launch_options(config), **_dot_options(x),
     )
     return out
@@ -211,11 +217,12 @@ def grad_embeddings_partial(
 def grad_centers_(
     grad_weight: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
     x_inv_norm: torch.Tensor, w_inv_norm: torch.Tensor, target_pos: torch.Tensor,
-    lse: torch.Tensor, grad_lse: torch.Tensor, scale: float, config: TileConfig,
+    lse: torch.Tensor, grad_lse: torch.Tensor, grad_target_cos: torch.Tensor, scale: float, config: TileConfig,
 ) -> None:
     """Write the gradient of the sampled center rows into ``grad_weight[index]`` (in place).
 
     ``grad_weight`` has the shape of ``weight``; rows that were not sampled are left untouched.
+    Arguments are as in :func:`grad_embeddings_partial`.
     Each row is written by exactly one program, so the result does not depend on scheduling.
     """
     num_cols = weight.shape[0] if index is None else index.shape[0]
@@ -223,7 +230,7 @@ def grad_centers_(
     grid = (triton.cdiv(num_cols, config.block_c), triton.cdiv(dim, config.block_d_out))
     _grad_centers_kernel[grid](
         x, weight, index if index is not None else target_pos, x_inv_norm, w_inv_norm, target_pos, lse,
-        grad_lse, grad_weight, x.shape[0], num_cols, dim, x.stride(0), weight.stride(0), grad_weight.stride(0),
-        scale, HAS_INDEX=index is not None, BLOCK_D_OUT=config.block_d_out,
+        grad_lse, grad_target_cos, grad_weight, x.shape[0], num_cols, dim, x.stride(0), weight.stride(0),
+        grad_weight.stride(0), scale, HAS_INDEX=index is not None, BLOCK_D_OUT=config.block_d_out,
         **_launch_options(config), **_dot_options(x),
     )

@@ -39,12 +39,13 @@ def cosine_tile(
 
 
 @triton.jit
-def cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, scale):
-    """dL/dcos for the non-target logits s*cos: grad_lse[b] * s * softmax[b, c].
+def cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, grad_target_cos, scale):
+    """dL/dcos [BLOCK_B, BLOCK_C]: ``grad_lse[b] * s * softmax[b, c]`` for the logits ``s * cos``.
 
-    Zero at each row's target column (its gradient flows through the margin in PyTorch) and at
-    padding columns. Padding rows carry ``grad_lse = 0`` and so give zero too.
+    At each row's target column it is ``grad_target_cos[b]``, the gradient that came back through
+    the margin (computed by the caller); padding columns get zero. Padding rows carry zero
+    ``grad_lse`` and ``grad_target_cos`` and so give zero too.
     """
-    prob = tl.exp(scale * cos - lse[:, None])
-    keep = mask_c[None, :] & (offs_c[None, :] != target_pos[:, None])
-    return tl.where(keep, (grad_lse * scale)[:, None] * prob, 0.0)
+    grad = (grad_lse * scale)[:, None] * tl.exp(scale * cos - lse[:, None])
+    grad = tl.where(offs_c[None, :] == target_pos[:, None], grad_target_cos[:, None], grad)
+    return tl.where(mask_c[None, :], grad, 0.0)

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-import fastpfc.lse_torch
-from fastpfc import ArcFace, CombinedMargin, CosFace, Softmax, margin_softmax_lse, partial_fc_loss
+import fastpfc.torch_backend
+from fastpfc import ArcFace, CombinedMargin, CosFace, Softmax, margin_softmax, partial_fc_loss
 from fastpfc.reference import reference_partial_fc_loss
 
 from helpers import DEVICE, loss_and_grads, make_problem, max_rel_error
@@ -19,12 +19,12 @@ def backend(request, monkeypatch):
     """The backend under test; Triton with small tiles and 3 class splits to cross every boundary,
     the torch backend with small class chunks for the same reason."""
     if request.param == "triton":
-        from fastpfc import lse_triton
+        from fastpfc import triton_backend
         from fastpfc.kernels import TileConfig
-        monkeypatch.setattr(lse_triton, "default_config", lambda device, dim: TileConfig(**SMALL_TILES))
+        monkeypatch.setattr(triton_backend, "default_config", lambda device, dim: TileConfig(**SMALL_TILES))
     else:
-        monkeypatch.setattr(fastpfc.lse_torch, "_BLOCK_ELEMENTS", 37 * 29)
-        monkeypatch.setattr(fastpfc.lse_torch, "_MIN_CHUNK", 1)
+        monkeypatch.setattr(fastpfc.torch_backend, "_BLOCK_ELEMENTS", 37 * 29)
+        monkeypatch.setattr(fastpfc.torch_backend, "_MIN_CHUNK", 1)
     return request.param
 
 
@@ -62,43 +62,38 @@ def test_reductions(backend, reduction):
     assert max_rel_error(out, expected) < 2e-5
 
 
-def test_lse_with_absent_targets(backend):
-    """target_pos = -1 (the row's class lives on another shard): a plain LSE of s * cos for that row."""
+def test_both_outputs_with_absent_targets(backend):
+    """target_pos = -1 (the row's class lives on another shard): plain LSE of s * cos, target logit 0.
+
+    Both outputs carry their own upstream gradient, as they do when shards are combined.
+    """
     p = make_problem(batch=19, num_classes=70, dim=33, seed=3)
     target_pos = p["labels"].clone()
     target_pos[::3] = -1
-    target_logit = torch.randn(19, dtype=torch.float64, device=DEVICE) * 10
-    scale = 20.0
+    margin = ArcFace(s=20.0, m=0.5)
+    lse_weight = torch.rand(19, dtype=torch.float64, device=DEVICE)
+    target_weight = torch.randn(19, dtype=torch.float64, device=DEVICE)
 
     def ours(x, w):
-        return margin_softmax_lse(x, w, None, target_pos, target_logit.float(), scale, backend)
+        lse, target_logit = margin_softmax(x, w, None, target_pos, margin, backend)
+        return torch.stack([lse, target_logit])
 
     def reference(x, w):
-        logits = scale * torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w).T
+        cos = torch.nn.functional.normalize(x) @ torch.nn.functional.normalize(w).T
         rows = torch.nonzero(target_pos >= 0).flatten()
-        logits = logits.index_put((rows, target_pos[rows]), target_logit[rows])
-        return torch.logsumexp(logits, dim=1)
+        target_logit = torch.zeros(19, dtype=cos.dtype, device=DEVICE)
+        target_logit = target_logit.index_put((rows,), margin(cos[rows, target_pos[rows]]))
+        logits = (margin.s * cos).index_put((rows, target_pos[rows]), target_logit[rows])
+        return torch.stack([torch.logsumexp(logits, dim=1), target_logit])
 
-    expected = loss_and_grads(reference, p["x"], p["w"])
-    actual = loss_and_grads(ours, p["x"].float(), p["w"].float())
-    for a, e in zip(actual, expected, strict=False):
-        assert max_rel_error(a, e) < 2e-5
+    def weighted(fn):
+        return lambda x, w: fn(x, w) * torch.stack([lse_weight, target_weight]).to(x.dtype)
 
-
-def test_target_logit_gradient(backend):
-    """d lse / d target_logit is the target's softmax probability (0 where the target is absent)."""
-    p = make_problem(batch=9, num_classes=30, dim=17, seed=4)
-    target_pos = p["labels"].clone()
-    target_pos[0] = -1
-    target_logit = (torch.randn(9, dtype=torch.float64, device=DEVICE) * 5).requires_grad_()
-    lse = margin_softmax_lse(p["x"].float(), p["w"].float(), None, target_pos, target_logit.float(), 16.0, backend)
-    (grad,) = torch.autograd.grad(lse.sum(), target_logit)
-    logits = 16.0 * torch.nn.functional.normalize(p["x"]) @ torch.nn.functional.normalize(p["w"]).T
-    rows = torch.arange(1, 9, device=DEVICE)
-    logits[rows, target_pos[rows]] = target_logit.detach()[rows]
-    expected = torch.softmax(logits, dim=1)[rows, target_pos[rows]]
-    assert grad[0] == 0
-    assert max_rel_error(grad[1:], expected) < 1e-5
+    expected = loss_and_grads(weighted(reference), p["x"], p["w"])
+    actual = loss_and_grads(weighted(ours), p["x"].float(), p["w"].float())
+    assert torch.all(actual[0][1, ::3] == 0)
+    for name, a, e in zip(("outputs", "grad_x", "grad_w"), actual, expected, strict=True):
+        assert max_rel_error(a, e) < 2e-5, name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -148,15 +143,15 @@ def test_bitwise_deterministic(backend):
 
 
 def test_torch_backend_gradcheck(monkeypatch):
-    monkeypatch.setattr(fastpfc.lse_torch, "_BLOCK_ELEMENTS", 12)
-    monkeypatch.setattr(fastpfc.lse_torch, "_MIN_CHUNK", 1)
+    monkeypatch.setattr(fastpfc.torch_backend, "_BLOCK_ELEMENTS", 12)
+    monkeypatch.setattr(fastpfc.torch_backend, "_MIN_CHUNK", 1)
     p = make_problem(batch=5, num_classes=11, dim=6, num_sampled=4, seed=8, device=torch.device("cpu"))
-    target_logit = torch.randn(5, dtype=torch.float64, requires_grad=True)
     target_pos = torch.searchsorted(p["index"], p["labels"])
     target_pos[1] = -1
-    inputs = (p["x"].requires_grad_(), p["w"].requires_grad_(), target_logit)
-    assert torch.autograd.gradcheck(
-        lambda x, w, t: margin_softmax_lse(x, w, p["index"], target_pos, t, 3.0, "torch"), inputs)
-    assert torch.autograd.gradcheck(
-        lambda x, w: partial_fc_loss(x, w, p["labels"], ArcFace(s=3.0, m=0.5), p["index"], backend="torch"),
-        inputs[:2])
+    inputs = (p["x"].requires_grad_(), p["w"].requires_grad_())
+    for margin in (ArcFace(s=3.0, m=0.5), CombinedMargin(s=2.0, m1=1.3, m2=0.2, m3=0.1)):
+        assert torch.autograd.gradcheck(
+            lambda x, w, margin=margin: margin_softmax(x, w, p["index"], target_pos, margin, "torch"), inputs)
+        assert torch.autograd.gradcheck(
+            lambda x, w, margin=margin: partial_fc_loss(x, w, p["labels"], margin, p["index"], backend="torch"),
+            inputs)

@@ -31,9 +31,9 @@ def _train_step_peak(loss_fn, batch, num_classes, dim):
 @pytest.mark.parametrize("backend, batch, num_classes", [("torch", 256, 100_000), ("triton", 256, 100_000)])
 def test_peak_memory_is_far_below_one_logits_matrix(backend, batch, num_classes, monkeypatch):
     if backend == "triton" and DEVICE.type == "cpu":  # big tiles: fewer interpreter steps
-        from fastpfc import lse_triton
+        from fastpfc import triton_backend
         config = TileConfig(block_b=256, block_c=512, block_d=16, block_d_out=16, num_splits=4)
-        monkeypatch.setattr(lse_triton, "default_config", lambda device, dim: config)
+        monkeypatch.setattr(triton_backend, "default_config", lambda device, dim: config)
     dim = 8  # small D: the weight and its gradient (C * D) stay small next to B * C
     logits_bytes = batch * num_classes * 4
     reference = _train_step_peak(reference_partial_fc_loss, batch, num_classes, dim)

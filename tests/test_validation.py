@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastpfc.loss
-import fastpfc.lse_triton
+import fastpfc.triton_backend
 from fastpfc import PartialFCLoss, partial_fc_loss
 from fastpfc.margins import CosFace
 
@@ -89,7 +89,7 @@ def test_triton_backend_rejects_float64():
 
 
 def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
-    monkeypatch.setattr(fastpfc.lse_triton, "INTERPRET", False)
+    monkeypatch.setattr(fastpfc.triton_backend, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         partial_fc_loss(torch.randn(4, 8), torch.randn(20, 8), torch.arange(4), CosFace(), backend="triton")
 

@@ -46,6 +46,16 @@ class MarginSoftmax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, index, target_pos, margin: Margin, backend: ModuleType):
+        with torch.autocast(x.device.type, enabled=False):  # precision is decided here, not by autocast
+            return MarginSoftmax._forward(ctx, x, weight, index, target_pos, margin, backend)
+
+    @staticmethod
+    def backward(ctx, grad_lse, grad_target_logit):
+        with torch.autocast(grad_lse.device.type, enabled=False):
+            return MarginSoftmax._backward(ctx, grad_lse, grad_target_logit)
+
+    @staticmethod
+    def _forward(ctx, x, weight, index, target_pos, margin, backend):
         backend.check_tensors(x, weight)
         x, weight = _row_major(x), _row_major(weight)
         x_c = x.to(torch.promote_types(x.dtype, torch.float32))
@@ -61,7 +71,7 @@ class MarginSoftmax(torch.autograd.Function):
         return lse, target_logit
 
     @staticmethod
-    def backward(ctx, grad_lse, grad_target_logit):
+    def _backward(ctx, grad_lse, grad_target_logit):
         x, weight, index, target_pos, x_inv_norm, cos_target, target_logit, lse, *saved = ctx.saved_tensors
         has_target = target_pos >= 0
         # The target logit feeds the LSE (softmax weight of the target) and the output itself.

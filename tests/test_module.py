@@ -83,6 +83,18 @@ def test_int32_labels_and_low_precision_embeddings():
     assert half.dtype == torch.float32 and abs(half.item() - base.item()) < 0.05 * abs(base.item())
 
 
+def test_autocast_does_not_change_the_loss():
+    loss_fn = PartialFCLoss(16, 300, margin=ArcFace(), seed=1)
+    x, labels = _inputs(20, 16, 300)
+    x.requires_grad_()
+    expected = loss_fn(x, labels)
+    (expected_grad,) = torch.autograd.grad(expected, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_fn(x, labels)
+        (grad,) = torch.autograd.grad(loss, x)
+    assert torch.equal(loss, expected) and torch.equal(grad, expected_grad)
+
+
 def test_state_dict_resumes_sampling_exactly():
     x, labels = _inputs(32, 16, 400)
     original = PartialFCLoss(16, 400, sample_rate=0.2, seed=5)

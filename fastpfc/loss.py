@@ -2,15 +2,43 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from .distributed import ProcessGroup, shard_bounds, sharded_partial_fc_loss, world
 from .functional import BACKENDS, REDUCTIONS, partial_fc_loss
 from .margins import CosFace, Margin
 from .sampling import sample_centers
 from .validation import check_shapes, check_values
+
+#: Rows per independently seeded block of the initial weight (see ``init_centers``).
+_INIT_BLOCK_ROWS = 1 << 16
+_SEED_RANGE = 2**62
+
+
+def _mix(seed: int, stream: int, salt: int) -> int:
+    """A seed for stream ``stream`` derived from ``seed`` (distinct streams, reproducible)."""
+    return (seed * 6364136223846793005 + (stream + 1) * 1442695040888963407 + salt) % _SEED_RANGE
+
+
+def init_centers(start: int, stop: int, dim: int, seed: int) -> torch.Tensor:
+    """Rows ``start:stop`` of an N(0, 0.01) [num_classes, dim] matrix determined by ``seed`` alone.
+
+    Each block of ``_INIT_BLOCK_ROWS`` rows has its own generator, so every sharding of the classes
+    over any number of ranks starts from the same centers as a single process.
+    """
+    out = torch.empty(stop - start, dim)
+    first, last = start // _INIT_BLOCK_ROWS, (stop - 1) // _INIT_BLOCK_ROWS
+    for block in range(first, last + 1):
+        block_start = block * _INIT_BLOCK_ROWS
+        rows = torch.randn(_INIT_BLOCK_ROWS, dim, generator=torch.Generator().manual_seed(_mix(seed, block, 1)))
+        lo, hi = max(start, block_start), min(stop, block_start + _INIT_BLOCK_ROWS)
+        out[lo - start: hi - start] = rows[lo - block_start: hi - block_start] * 0.01
+    return out
 
 
 class PartialFCLoss(nn.Module):
@@ -25,20 +53,28 @@ class PartialFCLoss(nn.Module):
 
     Args:
         embedding_size: D, the embedding dimension.
-        num_classes: C, the number of classes (rows of ``weight``).
+        num_classes: C, the number of classes.
         margin: the target-logit margin; default ``CosFace(s=64, m=0.4)``.
         sample_rate: fraction of classes used per call. Every class present in the batch is kept
             and the other slots are uniform random negatives, ``max(int(rate * C), #positives)``
-            in all. ``1.0`` is the exact full softmax, with no sampling work at all.
+            in all (per shard when sharded). ``1.0`` is the exact full softmax, with no sampling
+            work at all.
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         backend: ``'auto'`` (Triton for CUDA tensors, torch otherwise), ``'triton'`` or ``'torch'``.
         validate: check label range and finite embeddings on every call (one host sync).
-        seed: seed of the module's own sampling generator; ``None`` draws one from the global RNG
-            at construction. The generator state is part of ``state_dict()``, so a resumed run
-            samples exactly what the uninterrupted run would have.
+        seed: seeds the initial centers and the sampling generator; ``None`` draws one from the
+            global RNG (from rank 0's, when sharded). The generator state is part of
+            ``state_dict()``, so a resumed run samples exactly what the uninterrupted run would have.
+        process_group: shard the classes over this group; by default over the default group when
+            ``torch.distributed`` is initialised with more than one rank. See
+            :mod:`fastpfc.distributed` for the sharded semantics (the loss is the global batch's,
+            the same on every rank).
+        ddp_backbone: when sharded, scale the embeddings' gradient by the world size, so that a
+            backbone under DDP (which averages gradients) gets the single-process gradient.
 
     Attributes:
-        weight: ``nn.Parameter`` [num_classes, embedding_size], fp32, initialised N(0, 0.01).
+        weight: ``nn.Parameter`` [num_classes, embedding_size] (this rank's shard
+            [class_stop - class_start, embedding_size] when sharded), fp32, N(0, 0.01).
     """
 
     def __init__(
@@ -51,6 +87,8 @@ class PartialFCLoss(nn.Module):
         backend: str = "auto",
         validate: bool = True,
         seed: int | None = None,
+        process_group: ProcessGroup = None,
+        ddp_backbone: bool = True,
     ) -> None:
         super().__init__()
         if embedding_size < 1 or num_classes < 1:
@@ -64,17 +102,40 @@ class PartialFCLoss(nn.Module):
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.margin = margin if margin is not None else CosFace()
         self.sample_rate, self.reduction, self.backend, self.validate = sample_rate, reduction, backend, validate
-        self.weight = nn.Parameter(torch.normal(0.0, 0.01, (num_classes, embedding_size)))
-        self.seed = seed if seed is not None else int(torch.randint(2**62, ()).item())
+        self.process_group, self.ddp_backbone = process_group, ddp_backbone
+        self.world_size, self.rank = world(process_group)
+        self.class_start, self.class_stop = shard_bounds(num_classes, self.world_size, self.rank)
+        self.seed = seed if seed is not None else self._shared_random_seed()
+        self.weight = nn.Parameter(init_centers(self.class_start, self.class_stop, embedding_size, self.seed))
         self._generator: torch.Generator | None = None
         self._saved_generator_state: dict[str, Any] | None = None
 
+    @property
+    def sharded(self) -> bool:
+        return self.world_size > 1
+
+    def _shared_random_seed(self) -> int:
+        seed = [int(torch.randint(_SEED_RANGE, ()).item())]
+        if self.sharded:
+            src = 0 if self.process_group is None else dist.get_global_rank(self.process_group, 0)
+            dist.broadcast_object_list(seed, src=src, group=self.process_group)
+        return seed[0]
+
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of ``embeddings`` [B, D] with class ids ``labels`` [B]: scalar, or [B] fp32 for 'none'."""
+        """Loss of ``embeddings`` [B, D] with class ids ``labels`` [B]: scalar, or [B] fp32 for 'none'.
+
+        When sharded, ``B`` is this rank's batch and the result is the global batch's loss.
+        """
         check_shapes(embeddings, labels, self.weight)
         if self.validate and labels.numel() > 0:
             check_values(embeddings, labels, self.num_classes)
         labels = labels.long()
+        if self.sharded:
+            return sharded_partial_fc_loss(
+                embeddings, self.weight, labels, self.margin, self.class_start, sample_rate=self.sample_rate,
+                generator=self._sampler() if self.sample_rate < 1.0 else None, reduction=self.reduction,
+                backend=self.backend, group=self.process_group,
+                embedding_grad_scale=float(self.world_size) if self.ddp_backbone else 1.0)
         index = target_pos = None
         if self.sample_rate < 1.0 and labels.numel() > 0:
             index, target_pos = sample_centers(labels, self.num_classes, self.sample_rate, self._sampler())
@@ -82,7 +143,7 @@ class PartialFCLoss(nn.Module):
                                self.reduction, self.backend)
 
     def _sampler(self) -> torch.Generator:
-        """The sampling generator on the weight's device, created (and restored) on first use there."""
+        """This rank's sampling generator on the weight's device, created (and restored) on first use."""
         device = self.weight.device
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
@@ -90,20 +151,26 @@ class PartialFCLoss(nn.Module):
             if saved is not None and saved["device_type"] == device.type:
                 self._generator.set_state(saved["state"])
             else:
-                self._generator.manual_seed(self.seed)
+                self._generator.manual_seed(_mix(self.seed, self.rank, 2))
         return self._generator
 
     def get_extra_state(self) -> dict[str, Any]:
-        state = {"seed": self.seed, "generator": self._saved_generator_state}
+        state = {"seed": self.seed, "world_size": self.world_size, "rank": self.rank,
+                 "generator": self._saved_generator_state}
         if self._generator is not None:
             state["generator"] = {"device_type": self._generator.device.type, "state": self._generator.get_state()}
         return state
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.seed = state["seed"]
-        self._saved_generator_state = state["generator"]
         self._generator = None
+        self._saved_generator_state = state["generator"]
+        if (state["world_size"], state["rank"]) != (self.world_size, self.rank):
+            self._saved_generator_state = None
+            warnings.warn("sampling state saved at another world size or rank: sampling restarts from the seed",
+                          stacklevel=2)
 
     def extra_repr(self) -> str:
+        shard = f", classes [{self.class_start}, {self.class_stop}) of rank {self.rank}" if self.sharded else ""
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, margin={self.margin}, "
-                f"sample_rate={self.sample_rate}, reduction={self.reduction!r}, backend={self.backend!r}")
+                f"sample_rate={self.sample_rate}, reduction={self.reduction!r}, backend={self.backend!r}{shard}")

@@ -6,8 +6,8 @@ import torch
 
 
 def num_sampled(num_classes: int, sample_rate: float, num_positives: int) -> int:
-    """``max(int(sample_rate * num_classes), num_positives)``, capped at ``num_classes``."""
-    return min(num_classes, max(int(sample_rate * num_classes), num_positives))
+    """``max(int(sample_rate * num_classes), num_positives)``, capped at ``num_classes``, at least 1."""
+    return min(num_classes, max(int(sample_rate * num_classes), num_positives, 1))
 
 
 def sample_centers(

@@ -40,4 +40,4 @@ def loss_and_grads(fn, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, 
 def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute error, relative to the largest magnitude of ``expected``."""
     scale = expected.abs().max().clamp_min(1e-30)
-    return float((actual.double() - expected.double()).abs().max() / scale)
+    return float((actual.detach().double() - expected.detach().double()).abs().max() / scale)

@@ -1,0 +1,1 @@
+"""fastpfc benchmarks: ``pytest benchmarks --benchmark-only`` and ``python -m benchmarks.report``."""

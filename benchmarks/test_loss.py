@@ -1,0 +1,63 @@
+"""``pytest benchmarks --benchmark-only``: every implementation of each case side by side.
+
+Each test times one loss step (forward, or forward + backward) of one implementation on one case;
+``--benchmark-group-by=group`` (the default set here) puts the implementations of a case in one
+table. ``extra_info`` holds the peak extra memory, TFLOP/s and the ratios to the reference.
+"""
+
+import os
+import statistics
+
+import pytest
+import torch
+
+from benchmarks.harness import (
+    IMPLEMENTATIONS,
+    Unavailable,
+    cases_for,
+    make_inputs,
+    measure_peak,
+    quick_cases,
+    run_step,
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+PASSES = {"fwd+bwd": True, "fwd": False}
+ROUNDS = 5 if DEVICE.type == "cpu" else 20
+
+#: (case name, pass) -> (median seconds, peak bytes) of the reference, for the ratios.
+_REFERENCE: dict[tuple[str, str], tuple[float, int | None]] = {}
+
+#: ``FASTPFC_BENCH_QUICK=1`` runs the few cases of ``quick_cases`` (``python -m benchmarks.report --quick``).
+CASES = quick_cases(DEVICE) if os.environ.get("FASTPFC_BENCH_QUICK") == "1" else cases_for(DEVICE)
+PARAMS = [pytest.param(case, pass_name, impl, id=f"{case.name}-{pass_name}-{impl}")
+          for case in CASES for pass_name in PASSES for impl in IMPLEMENTATIONS]
+
+
+@pytest.mark.parametrize("case, pass_name, impl", PARAMS)
+def test_loss_step(benchmark, case, pass_name, impl):
+    benchmark.group = f"{case.name} {pass_name}"
+    inputs = make_inputs(case, DEVICE)
+    try:
+        step = IMPLEMENTATIONS[impl](case, DEVICE, inputs)
+    except Unavailable as reason:
+        pytest.skip(str(reason))
+    backward = PASSES[pass_name]
+    # The first call warms up (compilation, autotuning, first-use buffers) and finds out-of-memory;
+    # the second measures the peak memory of a steady-state step.
+    peak = measure_peak(step, inputs, backward, DEVICE) and measure_peak(step, inputs, backward, DEVICE)
+    benchmark.extra_info.update(impl=impl, case=case.name, pass_name=pass_name, classes=case.classes,
+                                family=f"B{case.batch}-D{case.dim}-{case.dtype}", sampled=case.sample_rate < 1,
+                                oom=peak is None, peak_mb=None if peak is None else peak / 2**20)
+    if peak is None:
+        pytest.skip("out of memory")
+    benchmark.pedantic(run_step, args=(step, inputs, backward, DEVICE), setup=inputs.clear_grads,
+                       rounds=ROUNDS, warmup_rounds=1)
+    median = statistics.median(benchmark.stats.stats.data)
+    benchmark.extra_info["tflops"] = case.flops(backward) / median / 1e12
+    if impl == "reference":
+        _REFERENCE[case.name, pass_name] = (median, peak)
+    elif (case.name, pass_name) in _REFERENCE:
+        ref_time, ref_peak = _REFERENCE[case.name, pass_name]
+        benchmark.extra_info["speedup"] = ref_time / median
+        benchmark.extra_info["memory_ratio"] = None if not ref_peak else peak / ref_peak

@@ -1,0 +1,195 @@
+"""Model-parallel PartialFC over ``torch.distributed``: class centers sharded, embeddings gathered.
+
+Each rank owns a contiguous slice of the classes (the remainder goes to the lowest ranks) and sees
+the whole global batch: embeddings and labels are all-gathered, each rank computes the per-row
+log-sum-exp over its own classes with the fused kernels, and only those B numbers (plus the B
+target logits) cross the network. The backward sends the embedding gradients back to their ranks
+(one reduce-scatter) and nothing else.
+
+Gradient contract. Every rank returns the same loss, the loss of a single process on the global
+batch, and every rank must call ``backward`` on the same function of it. Then:
+
+* ``weight.grad`` on each rank equals the single-process gradient of that rank's rows;
+* the embeddings of each rank receive ``embedding_grad_scale`` times their single-process
+  gradient. The default scale is the world size, because DDP on the backbone *averages* gradients
+  over ranks: the averaged backbone gradient then equals the single-process one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .functional import margin_softmax, reduce_loss
+from .margins import Margin
+from .sampling import sample_centers
+
+ProcessGroup = dist.ProcessGroup | None
+
+
+def world(group: ProcessGroup = None) -> tuple[int, int]:
+    """``(world_size, rank)`` of ``group``; ``(1, 0)`` when torch.distributed is not initialised."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def shard_bounds(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """``[start, stop)`` of the classes owned by ``rank``: contiguous, remainder to the lowest ranks."""
+    if num_classes < world_size:
+        raise ValueError(f"num_classes ({num_classes}) must be at least the world size ({world_size})")
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
+def gather_sizes(rows: int, device: torch.device, group: ProcessGroup = None) -> list[int]:
+    """Every rank's row count (one small all-gather and one host sync)."""
+    world_size, _ = world(group)
+    sizes = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(world_size)]
+    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.int64, device=device), group=group)
+    return torch.cat(sizes).tolist()
+
+
+def _all_gather_rows(local: torch.Tensor, sizes: list[int], group: ProcessGroup) -> torch.Tensor:
+    """Concatenate every rank's rows (``sizes[r]`` of them) in rank order: [sum(sizes), ...]."""
+    longest = max(sizes)
+    padded = local.new_zeros(longest, *local.shape[1:])
+    padded[: local.shape[0]] = local
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([part[:n] for part, n in zip(gathered, sizes, strict=True)])
+
+
+class _GatherRows(torch.autograd.Function):
+    """All-gather of rows whose backward sums each row's gradient over ranks and returns it home."""
+
+    @staticmethod
+    def forward(ctx, local, sizes, group, grad_scale):
+        ctx.sizes, ctx.group, ctx.grad_scale = sizes, group, grad_scale
+        return _all_gather_rows(local, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        sizes, (_, rank) = ctx.sizes, world(ctx.group)
+        padded = grad.new_zeros(len(sizes), max(sizes), *grad.shape[1:])
+        for r, part in enumerate(grad.split(sizes)):
+            padded[r, : part.shape[0]] = part
+        mine = torch.empty_like(padded[0])
+        dist.reduce_scatter(mine, list(padded.unbind()), op=dist.ReduceOp.SUM, group=ctx.group)
+        return mine[: sizes[rank]] * ctx.grad_scale, None, None, None
+
+
+class _GatherReplicated(torch.autograd.Function):
+    """All-gather into [world, ...] for a computation every rank repeats identically.
+
+    Each rank's copy of the downstream gradient is the gradient of the one shared loss, so the
+    backward keeps this rank's slice and communicates nothing.
+    """
+
+    @staticmethod
+    def forward(ctx, local, group):
+        world_size, ctx.rank = world(group)
+        gathered = [torch.empty_like(local) for _ in range(world_size)]
+        dist.all_gather(gathered, local.contiguous(), group=group)
+        return torch.stack(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.rank], None
+
+
+def sharded_partial_fc_loss(
+    embeddings: torch.Tensor,
+    weight_shard: torch.Tensor,
+    labels: torch.Tensor,
+    margin: Margin,
+    class_start: int,
+    index: torch.Tensor | None = None,
+    sample_rate: float = 1.0,
+    generator: torch.Generator | None = None,
+    reduction: str = "mean",
+    backend: str = "auto",
+    group: ProcessGroup = None,
+    embedding_grad_scale: float | None = None,
+) -> torch.Tensor:
+    """PartialFC loss with the class centers sharded over the ranks of ``group``.
+
+    Args:
+        embeddings: this rank's [b_r, D]; ranks may hold different numbers of rows.
+        weight_shard: [C_r, D], the centers of classes ``class_start .. class_start + C_r - 1``.
+        labels: this rank's int64 [b_r], global class ids.
+        margin: a :class:`fastpfc.margins.Margin`.
+        class_start: the first class id of this rank's shard.
+        index: int64 sorted unique rows of ``weight_shard`` to use (shard-local ids) holding every
+            label of the global batch that falls in this shard; ``None`` uses the whole shard, or
+            a sample of it when ``sample_rate < 1``.
+        sample_rate, generator: PartialFC sampling within the shard: the shard's positives of the
+            global batch plus uniform negatives drawn with ``generator`` (give each rank its own
+            stream).
+        reduction: ``'mean'``/``'sum'`` over the global batch, or ``'none'`` for the global
+            batch's [B] per-row losses (in rank order). The same value on every rank.
+        embedding_grad_scale: factor on the embeddings' gradient; ``None`` means the world size
+            (right for a backbone under DDP, see the module docstring).
+    """
+    world_size, _ = world(group)
+    sizes = gather_sizes(embeddings.shape[0], embeddings.device, group)
+    scale = float(world_size) if embedding_grad_scale is None else embedding_grad_scale
+    all_embeddings = _GatherRows.apply(embeddings, sizes, group, scale)
+    if sum(sizes) == 0:
+        return reduce_loss(all_embeddings.float().sum(dim=1) + weight_shard[:0].sum(), reduction)
+    local = _all_gather_rows(labels, sizes, group) - class_start
+    in_shard = (local >= 0) & (local < weight_shard.shape[0])
+    if index is None and sample_rate < 1.0:
+        index, _ = sample_centers(local[in_shard], weight_shard.shape[0], sample_rate, generator)
+    position = local if index is None else torch.searchsorted(index, local.clamp(0, weight_shard.shape[0] - 1))
+    target_pos = torch.where(in_shard, position, -1)
+    lse, target_logit = margin_softmax(all_embeddings, weight_shard, index, target_pos, margin, backend)
+    parts = _GatherReplicated.apply(torch.stack([lse, target_logit]), group)  # [world, 2, B]
+    loss = torch.logsumexp(parts[:, 0], dim=0) - parts[:, 1].sum(dim=0)
+    return reduce_loss(loss, reduction)
+
+
+def gather_shards(shard: torch.Tensor, num_classes: int, group: ProcessGroup = None) -> torch.Tensor:
+    """The full [num_classes, ...] tensor from every rank's shard (weights or their optimizer state).
+
+    Every rank receives the full tensor; call it on every rank.
+    """
+    world_size, _ = world(group)
+    if world_size == 1:
+        return shard.detach().clone()
+    sizes = [stop - start for start, stop in (shard_bounds(num_classes, world_size, r) for r in range(world_size))]
+    return _all_gather_rows(shard.detach(), sizes, group)
+
+
+def take_shard(full: torch.Tensor, num_classes: int, group: ProcessGroup = None) -> torch.Tensor:
+    """This rank's rows of a full [num_classes, ...] tensor (a copy), for any world size."""
+    if full.shape[0] != num_classes:
+        raise ValueError(f"expected {num_classes} rows, got {full.shape[0]}")
+    start, stop = shard_bounds(num_classes, *world(group))
+    return full[start:stop].clone()
+
+
+def full_state_dict(loss_fn) -> dict:
+    """A world-size-independent checkpoint of a ``PartialFCLoss``: the full centers [C, D] and seed.
+
+    Call on every rank (the shards are all-gathered); save it from one rank. Optimizer state of
+    the centers reshards the same way with :func:`gather_shards` / :func:`take_shard`.
+    """
+    return {"weight": gather_shards(loss_fn.weight, loss_fn.num_classes, loss_fn.process_group),
+            "num_classes": loss_fn.num_classes, "embedding_size": loss_fn.embedding_size, "seed": loss_fn.seed}
+
+
+def load_full_state_dict(loss_fn, state: dict) -> None:
+    """Load :func:`full_state_dict` output into a ``PartialFCLoss`` on any number of ranks.
+
+    Each rank copies its own rows; the sampling streams restart from the saved seed.
+    """
+    expected = (loss_fn.num_classes, loss_fn.embedding_size)
+    if tuple(state["weight"].shape) != expected:
+        raise ValueError(f"checkpoint holds centers of shape {tuple(state['weight'].shape)}, "
+                         f"this loss has [num_classes, embedding_size] = {list(expected)}")
+    with torch.no_grad():
+        loss_fn.weight.copy_(take_shard(state["weight"], loss_fn.num_classes, loss_fn.process_group))
+    loss_fn.set_extra_state({"seed": state["seed"], "generator": None,
+                             "world_size": loss_fn.world_size, "rank": loss_fn.rank})

@@ -1,0 +1,86 @@
+"""Worker processes for the distributed tests (gloo on CPU), and the problem they share.
+
+Each worker joins a file-rendezvous process group, runs every scenario on its shard and its slice
+of the global batch, and saves what it computed for the parent test to compare.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from fastpfc import ArcFace, PartialFCLoss
+from fastpfc.distributed import full_state_dict, load_full_state_dict, shard_bounds, sharded_partial_fc_loss
+
+NUM_CLASSES, DIM = 53, 24
+MARGIN = ArcFace(s=16.0, m=0.4)
+BATCH_SIZES = {2: [7, 12], 3: [5, 11, 0]}  # unequal, and one rank with no rows at all
+
+
+def problem(world_size: int, dtype: torch.dtype = torch.float64) -> dict[str, torch.Tensor]:
+    """The global batch, centers and a fixed sample set, the same in every process."""
+    gen = torch.Generator().manual_seed(world_size)
+    batch = sum(BATCH_SIZES[world_size])
+    labels = torch.randint(0, NUM_CLASSES, (batch,), generator=gen)
+    return {
+        "x": torch.randn(batch, DIM, generator=gen, dtype=dtype),
+        "w": torch.randn(NUM_CLASSES, DIM, generator=gen, dtype=dtype),
+        "labels": labels,
+        "index": torch.unique(torch.cat([labels, torch.randperm(NUM_CLASSES, generator=gen)[:20]])),
+        "full_state": torch.randn(NUM_CLASSES, DIM, generator=gen),
+    }
+
+
+def _rows(world_size: int, rank: int) -> slice:
+    sizes = BATCH_SIZES[world_size]
+    return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
+
+
+def _loss_and_grads(p, world_size, rank, backend, dtype, fixed_sample, reduction):
+    start, stop = shard_bounds(NUM_CLASSES, world_size, rank)
+    x = p["x"][_rows(world_size, rank)].to(dtype).requires_grad_()
+    w = p["w"][start:stop].to(dtype).requires_grad_()
+    index = None
+    if fixed_sample:
+        index = p["index"][(p["index"] >= start) & (p["index"] < stop)] - start
+    loss = sharded_partial_fc_loss(x, w, p["labels"][_rows(world_size, rank)], MARGIN, start, index=index,
+                                   reduction=reduction, backend=backend)
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * weights).sum().backward()
+    return {"loss": loss.detach(), "grad_x": x.grad, "grad_w": w.grad}
+
+
+def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
+    os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the Triton backend runs in the interpreter
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    p = problem(world_size)
+    results = {}
+    for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):
+        for fixed_sample in (False, True):
+            for reduction in ("mean", "none"):
+                key = f"{backend}-{'fixed' if fixed_sample else 'full'}-{reduction}"
+                results[key] = _loss_and_grads(p, world_size, rank, backend, dtype, fixed_sample, reduction)
+
+    # The module: initial centers and the loss do not depend on the world size.
+    module = PartialFCLoss(DIM, NUM_CLASSES, margin=MARGIN, seed=7)
+    x = p["x"][_rows(world_size, rank)].float().requires_grad_()
+    loss = module(x, p["labels"][_rows(world_size, rank)])
+    loss.backward()
+    results["module"] = {"weight": module.weight.detach().clone(), "loss": loss.detach(), "grad_x": x.grad,
+                         "grad_w": module.weight.grad}
+
+    # Sampling: rank-distinct streams, positives kept on their owner.
+    sampled = PartialFCLoss(DIM, NUM_CLASSES, margin=MARGIN, sample_rate=0.3, seed=7)
+    sampled(p["x"][_rows(world_size, rank)].float(), p["labels"][_rows(world_size, rank)]).backward()
+    results["sampled_rows"] = (sampled.weight.grad.abs().sum(dim=1) > 0).nonzero().flatten()
+    results["generator_state"] = sampled._sampler().get_state()
+
+    # Checkpoints: gather the full centers, and load a full state saved at another world size.
+    results["full_state"] = full_state_dict(module)["weight"]
+    load_full_state_dict(module, {"weight": p["full_state"], "num_classes": NUM_CLASSES,
+                                  "embedding_size": DIM, "seed": 7})
+    results["loaded_shard"] = module.weight.detach().clone()
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()

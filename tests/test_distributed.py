@@ -1,0 +1,125 @@
+"""Sharded PartialFC with 2 and 3 gloo processes equals one process on the same global batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import fastpfc.distributed as fd
+from fastpfc import PartialFCLoss, partial_fc_loss, reference_partial_fc_loss
+
+from dist_worker import DIM, MARGIN, NUM_CLASSES, problem, run
+from helpers import max_rel_error
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module", params=[2, 3])
+def outcome(request, tmp_path_factory):
+    """Spawn the workers once per world size; return (world_size, per-rank results)."""
+    world_size = request.param
+    tmp = tmp_path_factory.mktemp(f"world{world_size}")
+    mp.spawn(run, args=(world_size, str(tmp / "rendezvous"), str(tmp)), nprocs=world_size)
+    return world_size, [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def test_shard_bounds_cover_classes_once():
+    for num_classes, world_size in [(53, 2), (53, 3), (10, 10), (1_300_000, 7)]:
+        bounds = [fd.shard_bounds(num_classes, world_size, r) for r in range(world_size)]
+        sizes = [stop - start for start, stop in bounds]
+        assert bounds[0][0] == 0 and bounds[-1][1] == num_classes
+        assert all(bounds[r][1] == bounds[r + 1][0] for r in range(world_size - 1))
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    with pytest.raises(ValueError, match="at least the world size"):
+        fd.shard_bounds(2, 3, 0)
+
+
+def _single_process(p, backend, dtype, fixed_sample, reduction):
+    x = p["x"].to(dtype).requires_grad_()
+    w = p["w"].to(dtype).requires_grad_()
+    loss = partial_fc_loss(x, w, p["labels"], MARGIN, p["index"] if fixed_sample else None,
+                           reduction=reduction, backend=backend)
+    weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (loss * weights).sum().backward()
+    return loss.detach(), x.grad, w.grad
+
+
+@pytest.mark.parametrize("backend, dtype, tolerance",
+                         [("torch", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)])
+@pytest.mark.parametrize("fixed_sample", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_sharded_equals_single_process(outcome, backend, dtype, tolerance, fixed_sample, reduction):
+    world_size, ranks = outcome
+    p = problem(world_size)
+    loss, grad_x, grad_w = _single_process(p, backend, dtype, fixed_sample, reduction)
+    key = f"{backend}-{'fixed' if fixed_sample else 'full'}-{reduction}"
+    for rank in ranks:
+        assert max_rel_error(rank[key]["loss"], loss) < tolerance  # every rank holds the global loss
+    # Embedding gradients come home scaled by the world size (DDP will average them back).
+    gathered_x = torch.cat([rank[key]["grad_x"] for rank in ranks]) / world_size
+    assert max_rel_error(gathered_x, grad_x) < tolerance
+    assert max_rel_error(torch.cat([rank[key]["grad_w"] for rank in ranks]), grad_w) < tolerance
+
+
+def test_combined_lse_matches_float64_reference(outcome):
+    """The per-rank partial LSEs combined across ranks give the unsharded float64 loss."""
+    world_size, ranks = outcome
+    p = problem(world_size)
+    expected = reference_partial_fc_loss(p["x"], p["w"], p["labels"], MARGIN, reduction="none")
+    assert max_rel_error(ranks[0]["torch-full-none"]["loss"], expected) < 1e-12
+
+
+def test_module_is_world_size_independent(outcome):
+    world_size, ranks = outcome
+    p = problem(world_size)
+    single = PartialFCLoss(DIM, NUM_CLASSES, margin=MARGIN, seed=7)
+    assert torch.equal(torch.cat([rank["module"]["weight"] for rank in ranks]), single.weight.detach())
+    x = p["x"].float().requires_grad_()
+    loss = single(x, p["labels"])
+    loss.backward()
+    assert max_rel_error(ranks[0]["module"]["loss"], loss) < 1e-5
+    assert max_rel_error(torch.cat([rank["module"]["grad_x"] for rank in ranks]) / world_size, x.grad) < 1e-5
+    assert max_rel_error(torch.cat([rank["module"]["grad_w"] for rank in ranks]), single.weight.grad) < 1e-5
+
+
+def test_sampling_per_rank(outcome):
+    world_size, ranks = outcome
+    p = problem(world_size)
+    for r, rank in enumerate(ranks):
+        start, stop = fd.shard_bounds(NUM_CLASSES, world_size, r)
+        positives = torch.unique(p["labels"][(p["labels"] >= start) & (p["labels"] < stop)]) - start
+        assert torch.isin(positives, rank["sampled_rows"]).all(), "a positive was dropped on its owner rank"
+        assert rank["sampled_rows"].numel() <= max(int(0.3 * (stop - start)), positives.numel())
+    states = [rank["generator_state"] for rank in ranks]
+    assert all(not torch.equal(states[0], s) for s in states[1:]), "ranks must draw from distinct streams"
+
+
+def test_checkpoint_reshards(outcome):
+    world_size, ranks = outcome
+    p = problem(world_size)
+    single = PartialFCLoss(DIM, NUM_CLASSES, margin=MARGIN, seed=7)
+    for rank in ranks:  # N shards gathered into the full centers, on every rank
+        assert torch.equal(rank["full_state"], single.weight.detach())
+    loaded = torch.cat([rank["loaded_shard"] for rank in ranks])  # a full state loaded into N ranks
+    assert torch.equal(loaded, p["full_state"])
+
+
+def test_torchrun_demo_matches_single_process(tmp_path):
+    """The README's torchrun example: 2 ranks under DDP + sharded loss train like one process."""
+    script = REPO / "examples" / "distributed_demo.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True)
+    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(script)], capture_output=True, text=True, env=env, check=True, cwd=tmp_path)
+    single_losses = [float(line.split()[-1]) for line in single.stdout.splitlines() if line.startswith("step")]
+    multi_losses = [float(line.split()[-1]) for line in multi.stdout.splitlines() if line.startswith("step")]
+    assert len(single_losses) == len(multi_losses) == 5
+    for a, b in zip(single_losses, multi_losses, strict=True):
+        assert abs(a - b) < 1e-4 * abs(a), (single_losses, multi_losses)
+    assert single_losses[-1] < single_losses[0]
+

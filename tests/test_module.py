@@ -17,7 +17,9 @@ def _inputs(batch, dim, num_classes, seed=0):
 
 
 def test_weight_initialisation():
-    loss_fn = PartialFCLoss(embedding_size=64, num_classes=3000)
+    loss_fn = PartialFCLoss(embedding_size=64, num_classes=3000, seed=3)
+    assert torch.equal(loss_fn.weight, PartialFCLoss(64, 3000, seed=3).weight)
+    assert not torch.equal(loss_fn.weight, PartialFCLoss(64, 3000, seed=4).weight)
     assert isinstance(loss_fn.weight, torch.nn.Parameter)
     assert loss_fn.weight.shape == (3000, 64) and loss_fn.weight.dtype == torch.float32
     assert abs(loss_fn.weight.std().item() - 0.01) < 5e-4
@@ -40,8 +42,10 @@ def test_full_softmax_matches_reference_and_skips_sampling(monkeypatch):
 def test_sampled_loss_uses_module_generator():
     loss_fn = PartialFCLoss(16, 500, margin=CosFace(), sample_rate=0.1, seed=123)
     x, labels = _inputs(40, 16, 500)
+    replay = torch.Generator()
+    replay.set_state(loss_fn._sampler().get_state())
     loss = loss_fn(x, labels)
-    index, _ = sample_centers(labels, 500, 0.1, torch.Generator().manual_seed(123))
+    index, _ = sample_centers(labels, 500, 0.1, replay)
     expected = reference_partial_fc_loss(x.double(), loss_fn.weight.double(), labels, CosFace(), index)
     assert torch.allclose(loss.double(), expected, rtol=1e-5)
     loss.backward()

@@ -7,7 +7,9 @@ import torch
 
 import fastpfc.loss
 from fastpfc import ArcFace, CosFace, PartialFCLoss, reference_partial_fc_loss
+from fastpfc.distributed import shard_bounds
 from fastpfc.functional import resolve_backend
+from fastpfc.loss import init_centers
 from fastpfc.sampling import sample_centers
 
 
@@ -146,3 +148,11 @@ def test_training_on_separable_data_improves_accuracy():
         optimizer.step()
     after = accuracy()
     assert before < 0.3 and after > 0.9, (before, after)
+
+
+def test_initial_centers_do_not_depend_on_sharding():
+    """Shards of any world size, across seeded-block boundaries, reassemble the full matrix."""
+    full = init_centers(0, 70_001, 4, seed=9)
+    for world_size in (2, 3, 7):
+        bounds = [shard_bounds(70_001, world_size, r) for r in range(world_size)]
+        assert torch.equal(torch.cat([init_centers(start, stop, 4, seed=9) for start, stop in bounds]), full)

@@ -21,6 +21,7 @@ import torch
 
 from .margins import Margin
 from .normalize import inv_norms, normalize_backward
+from .validation import check_shapes, check_values
 
 #: Backend name -> module; imported on first use, so the torch backend works without Triton.
 BACKENDS: dict[str, str] = {"torch": "fastpfc.torch_backend", "triton": "fastpfc.triton_backend"}
@@ -58,10 +59,14 @@ class MarginSoftmax(torch.autograd.Function):
     def _forward(ctx, x, weight, index, target_pos, margin, backend):
         backend.check_tensors(x, weight)
         x, weight = _row_major(x), _row_major(weight)
+        target_pos = target_pos.contiguous()  # the kernels read both as flat arrays
+        index = None if index is None else index.contiguous()
         x_c = x.to(torch.promote_types(x.dtype, torch.float32))
         x_inv_norm = inv_norms(x_c)
         has_target = target_pos >= 0
-        target_rows = target_pos.clamp_min(0) if index is None else index[target_pos.clamp_min(0)]
+        target_rows = target_pos.clamp_min(0)  # rows without a target (-1) read row 0, then mask it
+        if index is not None:
+            target_rows = index[target_rows] if index.numel() > 0 else torch.zeros_like(target_rows)
         w_target = weight[target_rows].to(x_c.dtype)
         cos_target = (x_c * w_target).sum(dim=1) * x_inv_norm * inv_norms(w_target)
         target_logit = torch.where(has_target, margin(cos_target), 0.0)
@@ -104,6 +109,7 @@ def margin_softmax(
         embeddings: [B, D] fp32/fp16/bf16 (fp64 on the torch backend), not normalized.
         weight: [C_total, D] class centers, not normalized.
         index: int64 [C] sorted unique rows of ``weight`` to use, or ``None`` for all of them.
+            Not checked here (``partial_fc_loss`` checks it): duplicates give wrong gradients.
         target_pos: int64 [B], each row's target position among the used classes, or -1 for none
             (a row whose class lives on another rank).
         margin: a :class:`fastpfc.margins.Margin`.
@@ -136,6 +142,7 @@ def partial_fc_loss(
     target_pos: torch.Tensor | None = None,
     reduction: str = "mean",
     backend: str = "auto",
+    validate: bool = True,
 ) -> torch.Tensor:
     """Margin softmax cross entropy over the classes ``index`` (all classes when ``None``).
 
@@ -150,10 +157,18 @@ def partial_fc_loss(
         target_pos: int64 [B], ``labels``' positions in ``index`` (computed when ``None``).
         reduction: ``'mean'``, ``'sum'`` or ``'none'`` (then [B], fp32).
         backend: ``'auto'``, ``'triton'`` or ``'torch'``.
+        validate: check shapes, label range, finite embeddings and that ``index`` is sorted,
+            unique and holds every label (one host sync); ``False`` skips it.
 
     An empty batch gives a zero loss (an empty [0] tensor for ``'none'``) that still
     back-propagates (zero gradients) to ``embeddings`` and ``weight``.
     """
+    if validate:
+        check_shapes(embeddings, labels, weight)
+    labels = labels.contiguous()
+    index = None if index is None else index.contiguous()
+    if validate and labels.numel() > 0:
+        check_values(embeddings, labels, weight.shape[0], index)
     if embeddings.shape[0] == 0:
         empty = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)).sum(dim=1) + weight[:0].sum()
         return empty if reduction == "none" else empty.sum()

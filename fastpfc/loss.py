@@ -140,7 +140,7 @@ class PartialFCLoss(nn.Module):
         if self.sample_rate < 1.0 and labels.numel() > 0:
             index, target_pos = sample_centers(labels, self.num_classes, self.sample_rate, self._sampler())
         return partial_fc_loss(embeddings, self.weight, labels, self.margin, index, target_pos,
-                               self.reduction, self.backend)
+                               self.reduction, self.backend, validate=False)  # checked above
 
     def _sampler(self) -> torch.Generator:
         """This rank's sampling generator on the weight's device, created (and restored) on first use."""

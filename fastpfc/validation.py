@@ -27,13 +27,18 @@ def check_shapes(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.T
                              "move the loss module with .to(device)")
 
 
-def check_values(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int) -> None:
-    """Label range and finiteness of the embeddings, with a single host sync."""
-    flags = torch.stack([
-        labels.min() < 0,
-        labels.max() >= num_classes,
-        ~torch.isfinite(embeddings).all(),
-    ]).tolist()
+def check_values(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                 index: torch.Tensor | None = None) -> None:
+    """Label range, finite embeddings and (given ``index``) a usable sample, with one host sync.
+
+    ``index`` must be sorted, unique, within ``[0, num_classes)`` and hold every label.
+    """
+    checks = [labels.min() < 0, labels.max() >= num_classes, ~torch.isfinite(embeddings).all()]
+    if index is not None:
+        position = torch.searchsorted(index, labels).clamp_max(max(index.numel() - 1, 0))
+        checks += [(index[1:] <= index[:-1]).any(), (index.min() < 0) | (index.max() >= num_classes),
+                   (index[position] != labels).any()]
+    flags = torch.stack(checks).tolist()
     if flags[0] or flags[1]:
         bad = labels[(labels < 0) | (labels >= num_classes)]
         raise ValueError(f"labels must be in [0, {num_classes}); got {bad[:5].tolist()}"
@@ -42,3 +47,7 @@ def check_values(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: in
         rows = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten()
         raise ValueError(f"embeddings contain NaN or Inf in rows {rows[:5].tolist()}"
                          f"{' ...' if rows.numel() > 5 else ''}")
+    if index is not None and (flags[3] or flags[4]):
+        raise ValueError(f"index must hold sorted, unique class ids in [0, {num_classes})")
+    if index is not None and flags[5]:
+        raise ValueError("every label must be among the sampled classes in index")

@@ -53,10 +53,12 @@ class TileConfig:
 
 def default_config(device: torch.device, dim: int) -> TileConfig:
     """The tile configuration used when the caller gives none (untuned on GPU so far)."""
-    d_out = min(triton.next_power_of_2(max(dim, 16)), 128)
+    d_out = triton.next_power_of_2(max(dim, 16))
     if device.type != "cuda":
-        return TileConfig(block_b=32, block_c=64, block_d=64, block_d_out=max(d_out, 64), num_splits=1)
-    return TileConfig(block_d_out=d_out, num_warps=8 if d_out >= 128 else 4)
+        return TileConfig(block_b=32, block_c=64, block_d=64, block_d_out=min(max(d_out, 64), 128), num_splits=1)
+    # A backward program owns the whole embedding dimension up to 512, so each cosine tile is
+    # recomputed once per kernel (the sm_90 compile of 64 x 512 fp32 accumulators does not spill).
+    return TileConfig(block_d_out=min(d_out, 512), num_warps=8 if d_out >= 128 else 4)
 
 
 def split_columns(num_cols: int, num_row_tiles: int, config: TileConfig, device: torch.device) -> int:
@@ -65,6 +67,6 @@ def split_columns(num_cols: int, num_row_tiles: int, config: TileConfig, device:
     splits = config.num_splits
     if splits is None:
         programs_wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-        splits = min(MAX_SPLITS, triton.cdiv(programs_wanted, num_row_tiles))
+        splits = min(MAX_SPLITS, triton.cdiv(programs_wanted, max(num_row_tiles, 1)))
     splits = max(1, min(splits, col_tiles))
     return triton.cdiv(col_tiles, splits) * config.block_c

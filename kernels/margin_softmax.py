@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .config import INTERPRET, TileConfig, split_columns
-from .tiles import cosine_grad_tile, cosine_tile, gather_rows
+from .tiles import column_tile, cosine_grad_tile, cosine_tile
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -51,10 +51,7 @@ def _partial_lse_kernel(
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, num_cols)
     for c0 in range(col_start, col_end, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < col_end
-        rows = gather_rows(index_ptr, offs_c, mask_c, HAS_INDEX)
-        w_inv_norm = tl.load(w_inv_norm_ptr + offs_c, mask=mask_c, other=0.0)
+        offs_c, mask_c, rows, w_inv_norm = column_tile(index_ptr, w_inv_norm_ptr, c0, col_end, HAS_INDEX, BLOCK_C)
         cos = cosine_tile(x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w,
                           x_inv_norm, w_inv_norm, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
         logits = tl.where(offs_c[None, :] == target_pos[:, None], target_logit[:, None], scale * cos)
@@ -87,16 +84,14 @@ def _grad_embeddings_kernel(
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, num_cols)
     for c0 in range(col_start, col_end, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mask_c = offs_c < col_end
-        rows = gather_rows(index_ptr, offs_c, mask_c, HAS_INDEX)
-        w_inv_norm = tl.load(w_inv_norm_ptr + offs_c, mask=mask_c, other=0.0)
+        offs_c, mask_c, rows, w_inv_norm = column_tile(index_ptr, w_inv_norm_ptr, c0, col_end, HAS_INDEX, BLOCK_C)
         cos = cosine_tile(x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w,
                           x_inv_norm, w_inv_norm, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
         grad_cos = cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, grad_target_cos, scale)
         w = tl.load(w_ptr + rows[:, None] * stride_w + offs_o[None, :],
-                    mask=mask_c[:, None] & mask_o[None, :], other=0.0)
-        acc = tl.dot((grad_cos * w_inv_norm[None, :]).to(DOT_DTYPE), w.to(DOT_DTYPE), acc,
+                    mask=mask_c[:, None] & mask_o[None, :], other=0.0).to(tl.float32)
+        # Norms scale the data operand in fp32, so the cast gradient stays in softmax range.
+        acc = tl.dot(grad_cos.to(DOT_DTYPE), (w * w_inv_norm[:, None]).to(DOT_DTYPE), acc,
                      input_precision=INPUT_PRECISION)
     tl.store(out_ptr + (split * batch + offs_b[:, None]) * dim + offs_o[None, :], acc,
              mask=mask_b[:, None] & mask_o[None, :])
@@ -110,12 +105,10 @@ def _grad_centers_kernel(
     HAS_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_D_OUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < num_cols
+    offs_c, mask_c, rows, w_inv_norm = column_tile(index_ptr, w_inv_norm_ptr, tl.program_id(0) * BLOCK_C, num_cols,
+                                                   HAS_INDEX, BLOCK_C)
     offs_o = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
     mask_o = offs_o < dim
-    rows = gather_rows(index_ptr, offs_c, mask_c, HAS_INDEX)
-    w_inv_norm = tl.load(w_inv_norm_ptr + offs_c, mask=mask_c, other=0.0)
     acc = tl.zeros((BLOCK_C, BLOCK_D_OUT), dtype=tl.float32)
     cos_weighted = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for b0 in range(0, batch, BLOCK_B):
@@ -131,8 +124,8 @@ def _grad_centers_kernel(
         grad_cos = cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, grad_target_cos, scale)
         cos_weighted += tl.sum(grad_cos * cos, axis=0)
         x = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_o[None, :],
-                    mask=mask_b[:, None] & mask_o[None, :], other=0.0)
-        acc = tl.dot(tl.trans(grad_cos * x_inv_norm[:, None]).to(DOT_DTYPE), x.to(DOT_DTYPE), acc,
+                    mask=mask_b[:, None] & mask_o[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(tl.trans(grad_cos).to(DOT_DTYPE), (x * x_inv_norm[:, None]).to(DOT_DTYPE), acc,
                      input_precision=INPUT_PRECISION)
     # Backward of w / ||w||: project out the radial component, then scale by 1 / ||w||.
     w = tl.load(w_ptr + rows[:, None] * stride_w + offs_o[None, :],
@@ -145,7 +138,7 @@ def _grad_centers_kernel(
 def _dot_options(x: torch.Tensor) -> dict:
     """Operand dtype for ``tl.dot`` and the fp32 precision mode (bf16/fp16 dots don't run in the interpreter)."""
     if INTERPRET or x.dtype == torch.float32:
-        tf32 = x.is_cuda and torch.backends.cuda.matmul.allow_tf32
+        tf32 = x.is_cuda and torch.get_float32_matmul_precision() != "highest"
         return {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
     return {"DOT_DTYPE": _DOT_DTYPES[x.dtype], "INPUT_PRECISION": None}
 
@@ -176,6 +169,8 @@ def partial_lse(
     """
     batch, dim = x.shape
     num_cols = weight.shape[0] if index is None else index.shape[0]
+    if batch == 0 or num_cols == 0:
+        return torch.full((1, batch), float("-inf"), device=x.device)
     row_tiles = triton.cdiv(batch, config.block_b)
     cols_per_split = split_columns(num_cols, row_tiles, config, x.device)
     num_splits = triton.cdiv(num_cols, cols_per_split)
@@ -201,6 +196,8 @@ def grad_embeddings_partial(
     """
     batch, dim = x.shape
     num_cols = weight.shape[0] if index is None else index.shape[0]
+    if batch == 0 or num_cols == 0:
+        return torch.zeros(1, batch, dim, device=x.device)
     row_tiles = triton.cdiv(batch, config.block_b)
     cols_per_split = split_columns(num_cols, row_tiles, config, x.device)
     num_splits = triton.cdiv(num_cols, cols_per_split)
@@ -226,6 +223,8 @@ def grad_centers_(
     Each row is written by exactly one program, so the result does not depend on scheduling.
     """
     num_cols = weight.shape[0] if index is None else index.shape[0]
+    if x.shape[0] == 0 or num_cols == 0:
+        return
     dim = x.shape[1]
     grid = (triton.cdiv(num_cols, config.block_c), triton.cdiv(dim, config.block_d_out))
     _grad_centers_kernel[grid](

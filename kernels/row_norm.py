@@ -24,7 +24,7 @@ def _row_inv_norm_kernel(
         v = tl.load(src_ptr + rows[:, None] * stride_row + d[None, :],
                     mask=mask_r[:, None] & (d < dim)[None, :], other=0.0).to(tl.float32)
         sum_sq += tl.sum(v * v, axis=1)
-    tl.store(out_ptr + offs_r, 1.0 / tl.maximum(tl.sqrt(sum_sq), eps), mask=mask_r)
+    tl.store(out_ptr + offs_r, tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(sum_sq), eps)), mask=mask_r)
 
 
 def row_inv_norms(src: torch.Tensor, index: torch.Tensor | None = None, eps: float = 1e-12) -> torch.Tensor:

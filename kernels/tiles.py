@@ -15,6 +15,17 @@ def gather_rows(index_ptr, offs_c, mask_c, HAS_INDEX: tl.constexpr):
 
 
 @triton.jit
+def column_tile(index_ptr, w_inv_norm_ptr, c0, col_end, HAS_INDEX: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sampled positions ``c0 .. c0 + BLOCK_C - 1`` (below ``col_end``): offsets, mask, weight rows
+    and inverse norms."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < col_end
+    rows = gather_rows(index_ptr, offs_c, mask_c, HAS_INDEX)
+    w_inv_norm = tl.load(w_inv_norm_ptr + offs_c, mask=mask_c, other=0.0)
+    return offs_c, mask_c, rows, w_inv_norm
+
+
+@triton.jit
 def cosine_tile(
     x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w, x_inv_norm, w_inv_norm,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,

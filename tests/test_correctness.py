@@ -155,3 +155,26 @@ def test_torch_backend_gradcheck(monkeypatch):
         assert torch.autograd.gradcheck(
             lambda x, w, margin=margin: partial_fc_loss(x, w, p["labels"], margin, p["index"], backend="torch"),
             inputs)
+
+
+def test_non_contiguous_inputs(backend):
+    """Strided labels, index and embeddings (views of larger tensors) give the same result."""
+    p = make_problem(batch=23, num_classes=61, dim=20, num_sampled=30, seed=9)
+    labels = torch.stack([p["labels"], p["labels"]], dim=1)[:, 1]
+    index = torch.stack([p["index"], p["index"]], dim=1)[:, 0]
+    x = p["x"].float().T.contiguous().T
+    assert not (labels.is_contiguous() or index.is_contiguous() or x.is_contiguous())
+    out = partial_fc_loss(x, p["w"].float(), labels, CosFace(), index, reduction="none", backend=backend)
+    expected = reference_partial_fc_loss(p["x"], p["w"], p["labels"], CosFace(), p["index"], reduction="none")
+    assert max_rel_error(out, expected) < 2e-5
+
+
+def test_empty_batch_and_empty_shard(backend):
+    p = make_problem(batch=6, num_classes=20, dim=16, seed=10)
+    x, w = p["x"].float(), p["w"].float()
+    lse, target_logit = margin_softmax(x[:0], w, None, p["labels"][:0], CosFace(), backend)
+    assert lse.shape == target_logit.shape == (0,)
+    no_classes = torch.empty(0, dtype=torch.long, device=DEVICE)
+    x.requires_grad_()
+    lse, _ = margin_softmax(x, w, no_classes, torch.full((6,), -1, device=DEVICE), CosFace(), backend)
+    assert torch.all(lse == float("-inf"))

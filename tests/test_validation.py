@@ -82,6 +82,22 @@ def test_bad_constructor_arguments(kwargs, match):
         PartialFCLoss(**args)
 
 
+@pytest.mark.parametrize("index, match", [
+    (torch.tensor([0, 1, 2, 5]), "every label must be among the sampled classes"),
+    (torch.tensor([0, 1, 3, 2, 4]), "sorted, unique"),
+    (torch.tensor([0, 1, 2, 3, 3, 4]), "sorted, unique"),
+    (torch.tensor([0, 1, 2, 3, 4, 20]), r"in \[0, 20\)"),
+])
+def test_functional_checks_the_sample(index, match):
+    with pytest.raises(ValueError, match=match):
+        partial_fc_loss(_x(), torch.randn(20, 8), torch.tensor([0, 1, 3, 4]), CosFace(), index)
+
+
+def test_functional_checks_labels():
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 20\)"):
+        partial_fc_loss(_x(), torch.randn(20, 8), torch.tensor([0, 1, 3, 24]), CosFace())
+
+
 def test_triton_backend_rejects_float64():
     x, w, labels = torch.randn(4, 8, dtype=torch.float64), torch.randn(20, 8, dtype=torch.float64), torch.arange(4)
     with pytest.raises(TypeError, match="backend='triton' supports fp32/fp16/bf16 embeddings"):

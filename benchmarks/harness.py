@@ -190,8 +190,8 @@ def measure_peak(step: LossFn, inputs: Inputs, backward: bool, device: torch.dev
     inputs.clear_grads()
     try:
         return peak_memory(lambda: run_step(step, inputs, backward, device), device)[1]
-    except (torch.OutOfMemoryError, RuntimeError) as error:
-        if not is_out_of_memory(error):
+    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as error:
+        if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
             raise
         return None
     finally:
@@ -200,29 +200,35 @@ def measure_peak(step: LossFn, inputs: Inputs, backward: bool, device: torch.dev
             torch.cuda.empty_cache()
 
 
-# --- capacity: the largest C each implementation can run, one fresh process per probe ----------
+# --- measurements in a fresh process ------------------------------------------------------------
+# On the CPU, peak memory is read as peak RSS, which needs glibc's allocator pinned process-wide
+# (see fastpfc.profiling); that would slow every later timing in the same process, so CPU memory is
+# measured in a child process. The capacity search needs a fresh allocation state per probe too.
 
 @dataclass
 class Probe:
+    """One case run in a fresh process: did it fit, what its inputs took, the peak of one step."""
+
     classes: int
     ok: bool
+    input_bytes: int | None
     peak_bytes: int | None
 
 
-def _probe_in_this_process(impl: str, case: Case, budget_bytes: int | None) -> Probe:
+def _probe_in_this_process(impl: str, case: Case, backward: bool, budget_bytes: int | None) -> Probe:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if budget_bytes is not None:  # a hard cap too, so an over-budget CPU probe fails instead of swapping
         resource.setrlimit(resource.RLIMIT_AS, (_address_space_now() + 2 * budget_bytes,) * 2)
     try:
-        def whole_step() -> None:
-            inputs = make_inputs(case, device)
-            run_step(IMPLEMENTATIONS[impl](case, device, inputs), inputs, True, device)
-        _, peak = peak_memory(whole_step, device)
-    except (torch.OutOfMemoryError, RuntimeError, MemoryError) as error:
-        if not (isinstance(error, MemoryError) or is_out_of_memory(error)):
-            raise
-        return Probe(case.classes, False, None)
-    return Probe(case.classes, budget_bytes is None or peak <= budget_bytes, peak)
+        inputs, input_bytes = peak_memory(lambda: make_inputs(case, device), device)
+        step = IMPLEMENTATIONS[impl](case, device, inputs)
+        peak = measure_peak(step, inputs, backward, device) and measure_peak(step, inputs, backward, device)
+    except MemoryError:
+        peak = None
+    if peak is None:
+        return Probe(case.classes, False, None, None)
+    fits = budget_bytes is None or input_bytes + peak <= budget_bytes
+    return Probe(case.classes, fits, input_bytes, peak)
 
 
 def _address_space_now() -> int:
@@ -230,38 +236,42 @@ def _address_space_now() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
 
 
-def probe(impl: str, case: Case, budget_bytes: int | None) -> Probe:
-    """Run one training step of ``case`` (inputs, weights and gradients included) in a new process."""
-    command = [sys.executable, "-m", "benchmarks.harness", impl, json.dumps(asdict(case)), str(budget_bytes or 0)]
+def probe(impl: str, case: Case, backward: bool = True, budget_bytes: int | None = None) -> Probe:
+    """Run ``case`` with ``impl`` in a new process: inputs, a warm-up step, then a measured step."""
+    command = [sys.executable, "-m", "benchmarks.harness", impl, json.dumps(asdict(case)),
+               "fwd+bwd" if backward else "fwd", str(budget_bytes or 0)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"capacity probe failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"probe of {impl} on {case.name} failed:\n{result.stderr[-2000:]}")
     return Probe(**json.loads(result.stdout.strip().splitlines()[-1]))
 
 
 def max_classes(impl: str, batch: int, dim: int, dtype: str, budget_bytes: int | None,
                 start: int = 16_000, precision: float = 0.05) -> tuple[int, list[Probe]]:
-    """Largest C (within ``precision``) whose step fits: on CUDA the device memory, on the CPU
-    ``budget_bytes``. Doubles C until a probe fails, then bisects."""
+    """Largest C (within ``precision``) whose training step fits, inputs and gradients included:
+    on CUDA in the device memory, on the CPU in ``budget_bytes``. Doubles C until a probe fails,
+    then bisects."""
     probes: list[Probe] = []
     low, high = 0, start
     while True:
-        probes.append(probe(impl, Case(batch, dim, high, dtype), budget_bytes))
+        probes.append(probe(impl, Case(batch, dim, high, dtype), budget_bytes=budget_bytes))
         if not probes[-1].ok:
             break
         low, high = high, high * 2
     while high - low > precision * max(low, 1):
         mid = (low + high) // 2
-        probes.append(probe(impl, Case(batch, dim, mid, dtype), budget_bytes))
+        probes.append(probe(impl, Case(batch, dim, mid, dtype), budget_bytes=budget_bytes))
         low, high = (mid, high) if probes[-1].ok else (low, mid)
     return low, probes
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="one capacity probe (used by max_classes)")
+    parser = argparse.ArgumentParser(description="one probe in a fresh process (used by probe())")
     parser.add_argument("impl", choices=sorted(IMPLEMENTATIONS))
     parser.add_argument("case", type=json.loads)
+    parser.add_argument("pass_name", choices=["fwd", "fwd+bwd"])
     parser.add_argument("budget_bytes", type=int)
     args = parser.parse_args()
-    outcome = _probe_in_this_process(args.impl, Case(**args.case), args.budget_bytes or None)
+    outcome = _probe_in_this_process(args.impl, Case(**args.case), args.pass_name == "fwd+bwd",
+                                     args.budget_bytes or None)
     print(json.dumps(asdict(outcome)))

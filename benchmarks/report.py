@@ -73,9 +73,10 @@ def markdown(rows: list[dict], capacity: dict, description: str) -> str:
                      f"{_fmt(r.get('tflops'), '.3f')} | {speedup} | {_fmt(r.get('memory_ratio'), '.3f')} |")
     if capacity:
         lines += ["", f"## Largest C per training step at B=1024, D=512 ({capacity['limit']})", "",
-                  "| implementation | largest C | probes (C: peak MB or failed) |", "| --- | ---: | --- |"]
+                  "| implementation | largest C | probes (C: inputs + peak MB, or failed) |", "| --- | ---: | --- |"]
         for impl, (largest, probes) in capacity["results"].items():
-            trail = ", ".join(f"{p.classes:,}: " + ("failed" if p.peak_bytes is None else f"{p.peak_bytes / 2**20:.0f}")
+            trail = ", ".join(f"{p.classes:,}: " + ("failed" if p.peak_bytes is None else
+                                                     f"{(p.input_bytes + p.peak_bytes) / 2**20:.0f}")
                               + ("" if p.ok else " (over)") for p in probes)
             lines.append(f"| {impl} | {largest:,} | {trail} |")
     return "\n".join(lines) + "\n"

@@ -17,6 +17,7 @@ from benchmarks.harness import (
     cases_for,
     make_inputs,
     measure_peak,
+    probe,
     quick_cases,
     run_step,
 )
@@ -46,14 +47,19 @@ def test_loss_step(benchmark, case, pass_name, impl):
     except Unavailable as reason:
         pytest.skip(str(reason))
     backward = PASSES[pass_name]
-    # The first call warms up (compilation, autotuning, first-use buffers) and finds out-of-memory;
-    # the second measures the peak memory of a steady-state step.
-    peak = measure_peak(step, inputs, backward, DEVICE) and measure_peak(step, inputs, backward, DEVICE)
+    # A warm-up step (compilation, autotuning, first-use buffers) also finds out-of-memory; then the
+    # peak of a steady-state step. CPU memory is measured in a fresh process (see harness.probe).
+    if DEVICE.type == "cpu":
+        peak = probe(impl, case, backward).peak_bytes
+    else:
+        peak = measure_peak(step, inputs, backward, DEVICE) and measure_peak(step, inputs, backward, DEVICE)
     benchmark.extra_info.update(impl=impl, case=case.name, pass_name=pass_name, classes=case.classes,
                                 family=f"B{case.batch}-D{case.dim}-{case.dtype}", sampled=case.sample_rate < 1,
                                 oom=peak is None, peak_mb=None if peak is None else peak / 2**20)
     if peak is None:
         pytest.skip("out of memory")
+    if DEVICE.type == "cpu":
+        run_step(step, inputs, backward, DEVICE)  # warm-up in this process
     benchmark.pedantic(run_step, args=(step, inputs, backward, DEVICE), setup=inputs.clear_grads,
                        rounds=ROUNDS, warmup_rounds=1)
     median = statistics.median(benchmark.stats.stats.data)

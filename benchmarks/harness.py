@@ -91,7 +91,7 @@ class Inputs:
 def make_inputs(case: Case, device: torch.device, seed: int = 0) -> Inputs:
     gen = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(case.batch, case.dim, generator=gen, device=device).to(DTYPES[case.dtype])
-    w = torch.randn(case.total_classes, case.dim, generator=gen, device=device) * 0.01
+    w = torch.randn(case.total_classes, case.dim, generator=gen, device=device).mul_(0.01)
     labels = torch.randint(0, case.total_classes, (case.batch,), generator=gen, device=device)
     return Inputs(x.requires_grad_(), w.requires_grad_(), labels, gen)
 

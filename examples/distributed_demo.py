@@ -47,6 +47,7 @@ def main() -> None:
         if rank == 0:
             print(f"step {step} loss {loss.item():.6f}", flush=True)
     if distributed:
+        dist.barrier()  # no rank tears the group down while another is still using it
         dist.destroy_process_group()
 
 

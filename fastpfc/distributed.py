@@ -20,9 +20,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .functional import margin_softmax, reduce_loss
+from .functional import empty_batch_loss, margin_softmax, reduce_loss
 from .margins import Margin
 from .sampling import sample_centers
+from .validation import check_shapes, check_values
 
 ProcessGroup = dist.ProcessGroup | None
 
@@ -43,12 +44,35 @@ def shard_bounds(num_classes: int, world_size: int, rank: int) -> tuple[int, int
     return start, start + base + (1 if rank < extra else 0)
 
 
-def gather_sizes(rows: int, device: torch.device, group: ProcessGroup = None) -> list[int]:
-    """Every rank's row count (one small all-gather and one host sync)."""
+def agree_on_inputs(
+    embeddings: torch.Tensor, labels: torch.Tensor, weight_shard: torch.Tensor, num_classes: int | None,
+    validate: bool, group: ProcessGroup = None,
+) -> tuple[list[int], bool]:
+    """Check this rank's inputs, then tell every rank what every rank has (one small all-gather).
+
+    Returns every rank's row count and whether any rank's embeddings need a gradient. If any rank's
+    inputs were rejected, every rank raises (that rank its own error), so none is left waiting in
+    a collective.
+    """
+    error = None
+    try:
+        check_shapes(embeddings, labels, weight_shard)
+        if validate and num_classes is not None and labels.numel() > 0:
+            check_values(embeddings, labels, num_classes)
+    except (TypeError, ValueError) as rejected:
+        error = rejected
+    mine = [0, 1, 0] if error is not None else [embeddings.shape[0], 0, int(embeddings.requires_grad)]
     world_size, _ = world(group)
-    sizes = [torch.empty(1, dtype=torch.int64, device=device) for _ in range(world_size)]
-    dist.all_gather(sizes, torch.tensor([rows], dtype=torch.int64, device=device), group=group)
-    return torch.cat(sizes).tolist()
+    status = [torch.empty(3, dtype=torch.int64, device=weight_shard.device) for _ in range(world_size)]
+    dist.all_gather(status, torch.tensor(mine, dtype=torch.int64, device=weight_shard.device), group=group)
+    table = torch.stack(status).tolist()
+    if error is not None:
+        raise error
+    failed = [rank for rank, (_, bad, _) in enumerate(table) if bad]
+    if failed:
+        raise RuntimeError(f"rank(s) {failed} rejected their inputs (see the error raised there); "
+                           "no rank computed the loss")
+    return [rows for rows, _, _ in table], any(needs_grad for _, _, needs_grad in table)
 
 
 def _all_gather_rows(local: torch.Tensor, sizes: list[int], group: ProcessGroup) -> torch.Tensor:
@@ -72,12 +96,13 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         sizes, (_, rank) = ctx.sizes, world(ctx.group)
-        padded = grad.new_zeros(len(sizes), max(sizes), *grad.shape[1:])
+        padded = grad.new_zeros(len(sizes), max(sizes), *grad.shape[1:],
+                                dtype=torch.promote_types(grad.dtype, torch.float32))
         for r, part in enumerate(grad.split(sizes)):
             padded[r, : part.shape[0]] = part
         mine = torch.empty_like(padded[0])
-        dist.reduce_scatter(mine, list(padded.unbind()), op=dist.ReduceOp.SUM, group=ctx.group)
-        return mine[: sizes[rank]] * ctx.grad_scale, None, None, None
+        dist.reduce_scatter(mine, list(padded.unbind()), op=dist.ReduceOp.SUM, group=ctx.group)  # fp32 or wider
+        return (mine[: sizes[rank]] * ctx.grad_scale).to(grad.dtype), None, None, None
 
 
 class _GatherReplicated(torch.autograd.Function):
@@ -105,6 +130,7 @@ def sharded_partial_fc_loss(
     labels: torch.Tensor,
     margin: Margin,
     class_start: int,
+    num_classes: int | None = None,
     index: torch.Tensor | None = None,
     sample_rate: float = 1.0,
     generator: torch.Generator | None = None,
@@ -112,6 +138,7 @@ def sharded_partial_fc_loss(
     backend: str = "auto",
     group: ProcessGroup = None,
     embedding_grad_scale: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """PartialFC loss with the class centers sharded over the ranks of ``group``.
 
@@ -121,6 +148,7 @@ def sharded_partial_fc_loss(
         labels: this rank's int64 [b_r], global class ids.
         margin: a :class:`fastpfc.margins.Margin`.
         class_start: the first class id of this rank's shard.
+        num_classes: the total number of classes, for the label check (skipped when ``None``).
         index: int64 sorted unique rows of ``weight_shard`` to use (shard-local ids) holding every
             label of the global batch that falls in this shard; ``None`` uses the whole shard, or
             a sample of it when ``sample_rate < 1``.
@@ -131,13 +159,18 @@ def sharded_partial_fc_loss(
             batch's [B] per-row losses (in rank order). The same value on every rank.
         embedding_grad_scale: factor on the embeddings' gradient; ``None`` means the world size
             (right for a backbone under DDP, see the module docstring).
+        validate: check shapes, and with ``num_classes`` the label range and finite embeddings; a
+            rejection on any rank raises on every rank.
     """
     world_size, _ = world(group)
-    sizes = gather_sizes(embeddings.shape[0], embeddings.device, group)
+    sizes, any_needs_grad = agree_on_inputs(embeddings, labels, weight_shard, num_classes, validate, group)
+    if any_needs_grad and not embeddings.requires_grad:  # every rank must join the backward's reduce-scatter
+        embeddings = embeddings.detach().requires_grad_()
+    labels = labels.long()
+    if sum(sizes) == 0:
+        return empty_batch_loss(embeddings, weight_shard, reduction)
     scale = float(world_size) if embedding_grad_scale is None else embedding_grad_scale
     all_embeddings = _GatherRows.apply(embeddings, sizes, group, scale)
-    if sum(sizes) == 0:
-        return reduce_loss(all_embeddings.float().sum(dim=1) + weight_shard[:0].sum(), reduction)
     local = _all_gather_rows(labels, sizes, group) - class_start
     in_shard = (local >= 0) & (local < weight_shard.shape[0])
     if index is None and sample_rate < 1.0:

@@ -124,6 +124,13 @@ def margin_softmax(
     return MarginSoftmax.apply(embeddings, weight, index, target_pos, margin, module)
 
 
+def empty_batch_loss(embeddings: torch.Tensor, weight: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The loss of an empty batch: zero (``[0]`` for ``'none'``), connected to both inputs so that
+    backward gives them zero gradients."""
+    empty = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)).sum(dim=1) + weight[:0].sum()
+    return empty if reduction == "none" else empty.sum()
+
+
 def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
     """Apply ``'mean'``, ``'sum'`` or ``'none'`` to per-row losses [B]."""
     if reduction == "mean":
@@ -170,8 +177,7 @@ def partial_fc_loss(
     if validate and labels.numel() > 0:
         check_values(embeddings, labels, weight.shape[0], index)
     if embeddings.shape[0] == 0:
-        empty = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)).sum(dim=1) + weight[:0].sum()
-        return empty if reduction == "none" else empty.sum()
+        return empty_batch_loss(embeddings, weight, reduction)
     if target_pos is None:
         target_pos = labels if index is None else torch.searchsorted(index, labels)
     lse, target_logit = margin_softmax(embeddings, weight, index, target_pos, margin, backend)

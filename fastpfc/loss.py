@@ -126,16 +126,16 @@ class PartialFCLoss(nn.Module):
 
         When sharded, ``B`` is this rank's batch and the result is the global batch's loss.
         """
+        if self.sharded:  # checks there: a rejection on one rank raises on all of them
+            return sharded_partial_fc_loss(
+                embeddings, self.weight, labels, self.margin, self.class_start, self.num_classes,
+                sample_rate=self.sample_rate, generator=self._sampler() if self.sample_rate < 1.0 else None,
+                reduction=self.reduction, backend=self.backend, group=self.process_group,
+                embedding_grad_scale=float(self.world_size) if self.ddp_backbone else 1.0, validate=self.validate)
         check_shapes(embeddings, labels, self.weight)
         if self.validate and labels.numel() > 0:
             check_values(embeddings, labels, self.num_classes)
         labels = labels.long()
-        if self.sharded:
-            return sharded_partial_fc_loss(
-                embeddings, self.weight, labels, self.margin, self.class_start, sample_rate=self.sample_rate,
-                generator=self._sampler() if self.sample_rate < 1.0 else None, reduction=self.reduction,
-                backend=self.backend, group=self.process_group,
-                embedding_grad_scale=float(self.world_size) if self.ddp_backbone else 1.0)
         index = target_pos = None
         if self.sample_rate < 1.0 and labels.numel() > 0:
             index, target_pos = sample_centers(labels, self.num_classes, self.sample_rate, self._sampler())
@@ -154,8 +154,20 @@ class PartialFCLoss(nn.Module):
                 self._generator.manual_seed(_mix(self.seed, self.rank, 2))
         return self._generator
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """Refuse, before anything is copied, a state saved for other classes (another rank's shard)."""
+        extra = state_dict.get(prefix + "_extra_state")
+        mine = [self.class_start, self.class_stop, self.num_classes]
+        if isinstance(extra, dict) and "classes" in extra and list(extra["classes"]) != mine:
+            start, stop, total = extra["classes"]
+            raise ValueError(f"this state holds classes [{start}, {stop}) of {total}, but this module owns "
+                             f"[{mine[0]}, {mine[1]}) of {mine[2]}: load a world-size-independent checkpoint "
+                             "with fastpfc.distributed.load_full_state_dict")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def get_extra_state(self) -> dict[str, Any]:
         state = {"seed": self.seed, "world_size": self.world_size, "rank": self.rank,
+                 "classes": [self.class_start, self.class_stop, self.num_classes],
                  "generator": self._saved_generator_state}
         if self._generator is not None:
             state["generator"] = {"device_type": self._generator.device.type, "state": self._generator.get_state()}

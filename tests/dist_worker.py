@@ -6,6 +6,7 @@ of the global batch, and saves what it computed for the parent test to compare.
 
 from __future__ import annotations
 
+import datetime
 import os
 
 import torch
@@ -54,14 +55,23 @@ def _loss_and_grads(p, world_size, rank, backend, dtype, fixed_sample, reduction
 
 def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # CPU tensors: the Triton backend runs in the interpreter
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    # A collective left waiting (a regression) fails the test after a minute instead of hanging it.
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=60))
     p = problem(world_size)
     results = {}
     for backend, dtype in (("torch", torch.float64), ("triton", torch.float32)):
         for fixed_sample in (False, True):
-            for reduction in ("mean", "none"):
+            for reduction in ("mean", "sum", "none"):
                 key = f"{backend}-{'fixed' if fixed_sample else 'full'}-{reduction}"
                 results[key] = _loss_and_grads(p, world_size, rank, backend, dtype, fixed_sample, reduction)
+
+    # A step in which every rank's batch is empty: a zero loss, zero gradients, no hang.
+    start, stop = shard_bounds(NUM_CLASSES, world_size, rank)
+    w = p["w"][start:stop].clone().requires_grad_()
+    empty = sharded_partial_fc_loss(p["x"][:0].requires_grad_(), w, p["labels"][:0], MARGIN, start)
+    empty.backward()
+    results["all_empty"] = {"loss": empty.detach(), "grad_w": w.grad}
 
     # The module: initial centers and the loss do not depend on the world size.
     module = PartialFCLoss(DIM, NUM_CLASSES, margin=MARGIN, seed=7)
@@ -69,13 +79,46 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     loss = module(x, p["labels"][_rows(world_size, rank)])
     loss.backward()
     results["module"] = {"weight": module.weight.detach().clone(), "loss": loss.detach(), "grad_x": x.grad,
-                         "grad_w": module.weight.grad}
+                         "grad_w": module.weight.grad.clone()}
 
-    # Sampling: rank-distinct streams, positives kept on their owner.
+    # Sampling: rank-distinct streams, positives kept on their owner; the loss is the single-process
+    # loss over the union of the ranks' samples.
     sampled = PartialFCLoss(DIM, NUM_CLASSES, margin=MARGIN, sample_rate=0.3, seed=7)
-    sampled(p["x"][_rows(world_size, rank)].float(), p["labels"][_rows(world_size, rank)]).backward()
-    results["sampled_rows"] = (sampled.weight.grad.abs().sum(dim=1) > 0).nonzero().flatten()
-    results["generator_state"] = sampled._sampler().get_state()
+    seed = sampled._sampler().initial_seed()
+    loss = sampled(p["x"][_rows(world_size, rank)].float(), p["labels"][_rows(world_size, rank)])
+    loss.backward()
+    results["sampled"] = {"rows": (sampled.weight.grad.abs().sum(dim=1) > 0).nonzero().flatten(),
+                          "loss": loss.detach(), "seed": seed}
+
+    # A state_dict is tied to its rank's classes: loading another rank's is refused before any copy.
+    states = [None] * world_size
+    dist.all_gather_object(states, module.state_dict())
+    weight_before = module.weight.detach().clone()
+    try:
+        module.load_state_dict(states[(rank + 1) % world_size])
+        results["wrong_rank_load"] = "loaded"
+    except ValueError as error:
+        results["wrong_rank_load"] = str(error)
+    results["weight_kept"] = torch.equal(module.weight, weight_before)
+    module.load_state_dict(states[rank])
+
+    # One rank's bad input raises on every rank instead of leaving the others in a collective.
+    x = p["x"][_rows(world_size, rank)].float()
+    if rank == 1:
+        x = torch.full((3, DIM), float("nan"))
+    try:
+        module(x, p["labels"][: x.shape[0]])
+        results["bad_input"] = "no error"
+    except (ValueError, RuntimeError) as error:
+        results["bad_input"] = f"{type(error).__name__}: {error}"
+
+    # Ranks may differ on whether their embeddings need a gradient; backward still completes.
+    x = p["x"][_rows(world_size, rank)].float()
+    if rank != 1:
+        x.requires_grad_()
+    loss = module(x, p["labels"][_rows(world_size, rank)])
+    loss.backward()
+    results["mixed_grad"] = {"loss": loss.detach(), "grad_x": x.grad}
 
     # Checkpoints: gather the full centers, and load a full state saved at another world size.
     results["full_state"] = full_state_dict(module)["weight"]
@@ -83,4 +126,5 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
                                   "embedding_size": DIM, "seed": 7})
     results["loaded_shard"] = module.weight.detach().clone()
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+    dist.barrier()
     dist.destroy_process_group()

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 import fastpfc.distributed as fd
 from fastpfc import PartialFCLoss, partial_fc_loss, reference_partial_fc_loss
 
-from dist_worker import DIM, MARGIN, NUM_CLASSES, problem, run
+from dist_worker import BATCH_SIZES, DIM, MARGIN, NUM_CLASSES, problem, run
 from helpers import max_rel_error
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -52,7 +52,7 @@ def _single_process(p, backend, dtype, fixed_sample, reduction):
 @pytest.mark.parametrize("backend, dtype, tolerance",
                          [("torch", torch.float64, 1e-10), ("triton", torch.float32, 2e-5)])
 @pytest.mark.parametrize("fixed_sample", [False, True])
-@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_sharded_equals_single_process(outcome, backend, dtype, tolerance, fixed_sample, reduction):
     world_size, ranks = outcome
     p = problem(world_size)
@@ -64,6 +64,12 @@ def test_sharded_equals_single_process(outcome, backend, dtype, tolerance, fixed
     gathered_x = torch.cat([rank[key]["grad_x"] for rank in ranks]) / world_size
     assert max_rel_error(gathered_x, grad_x) < tolerance
     assert max_rel_error(torch.cat([rank[key]["grad_w"] for rank in ranks]), grad_w) < tolerance
+
+
+def test_all_ranks_empty(outcome):
+    _, ranks = outcome
+    for rank in ranks:
+        assert rank["all_empty"]["loss"] == 0 and torch.all(rank["all_empty"]["grad_w"] == 0)
 
 
 def test_combined_lse_matches_float64_reference(outcome):
@@ -90,13 +96,50 @@ def test_module_is_world_size_independent(outcome):
 def test_sampling_per_rank(outcome):
     world_size, ranks = outcome
     p = problem(world_size)
+    union = []
     for r, rank in enumerate(ranks):
         start, stop = fd.shard_bounds(NUM_CLASSES, world_size, r)
+        rows = rank["sampled"]["rows"]
         positives = torch.unique(p["labels"][(p["labels"] >= start) & (p["labels"] < stop)]) - start
-        assert torch.isin(positives, rank["sampled_rows"]).all(), "a positive was dropped on its owner rank"
-        assert rank["sampled_rows"].numel() <= max(int(0.3 * (stop - start)), positives.numel())
-    states = [rank["generator_state"] for rank in ranks]
-    assert all(not torch.equal(states[0], s) for s in states[1:]), "ranks must draw from distinct streams"
+        assert torch.isin(positives, rows).all(), "a positive was dropped on its owner rank"
+        assert rows.numel() == max(int(0.3 * (stop - start)), positives.numel())
+        union.append(rows + start)
+    seeds = {rank["sampled"]["seed"] for rank in ranks}
+    assert len(seeds) == world_size, "ranks must draw from distinct streams"
+    # The sharded sampled loss is the single-process loss over the union of the ranks' samples.
+    single = PartialFCLoss(DIM, NUM_CLASSES, margin=MARGIN, seed=7)
+    expected = partial_fc_loss(p["x"].float(), single.weight, p["labels"], MARGIN, torch.cat(union))
+    for rank in ranks:
+        assert max_rel_error(rank["sampled"]["loss"], expected) < 1e-5
+
+
+def test_state_dict_of_another_rank_is_refused(outcome):
+    _, ranks = outcome
+    for rank in ranks:
+        assert "load a world-size-independent checkpoint" in rank["wrong_rank_load"]
+        assert rank["weight_kept"]
+
+
+def test_bad_input_on_one_rank_raises_everywhere(outcome):
+    _, ranks = outcome
+    assert ranks[1]["bad_input"].startswith("ValueError: embeddings contain NaN")
+    for r in (0, *range(2, len(ranks))):
+        assert ranks[r]["bad_input"] == ("RuntimeError: rank(s) [1] rejected their inputs (see the error raised "
+                                         "there); no rank computed the loss")
+
+
+def test_ranks_may_differ_on_requires_grad(outcome):
+    world_size, ranks = outcome
+    p = problem(world_size)
+    single = PartialFCLoss(DIM, NUM_CLASSES, margin=MARGIN, seed=7)
+    x = p["x"].float().requires_grad_()
+    single(x, p["labels"]).backward()
+    sizes = BATCH_SIZES[world_size]
+    for r, (rank, expected) in enumerate(zip(ranks, x.grad.split(sizes), strict=True)):
+        if r == 1:
+            assert rank["mixed_grad"]["grad_x"] is None
+        elif expected.numel() > 0:
+            assert max_rel_error(rank["mixed_grad"]["grad_x"] / world_size, expected) < 1e-5
 
 
 def test_checkpoint_reshards(outcome):
@@ -113,9 +156,11 @@ def test_torchrun_demo_matches_single_process(tmp_path):
     """The README's torchrun example: 2 ranks under DDP + sharded loss train like one process."""
     script = REPO / "examples" / "distributed_demo.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    single = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, check=True)
+    single = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
     multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(script)], capture_output=True, text=True, env=env, check=True, cwd=tmp_path)
+                            str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    for completed in (single, multi):
+        assert completed.returncode == 0, completed.stderr[-3000:]
     single_losses = [float(line.split()[-1]) for line in single.stdout.splitlines() if line.startswith("step")]
     multi_losses = [float(line.split()[-1]) for line in multi.stdout.splitlines() if line.startswith("step")]
     assert len(single_losses) == len(multi_losses) == 5

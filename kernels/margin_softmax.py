@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from .config import INTERPRET, TileConfig, split_columns
-from .tiles import column_tile, cosine_grad_tile, cosine_tile
+from .tiles import backward_rows, column_tile, cosine_grad_tile, cosine_tile
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
@@ -75,11 +75,8 @@ def _grad_embeddings_kernel(
     mask_b = offs_b < batch
     offs_o = tl.program_id(2) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
     mask_o = offs_o < dim
-    x_inv_norm = tl.load(x_inv_norm_ptr + offs_b, mask=mask_b, other=0.0)
-    target_pos = tl.load(target_pos_ptr + offs_b, mask=mask_b, other=-1)
-    lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
-    grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
-    grad_target_cos = tl.load(grad_target_cos_ptr + offs_b, mask=mask_b, other=0.0)
+    x_inv_norm, target_pos, lse, grad_lse, grad_target_cos = backward_rows(
+        x_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr, offs_b, mask_b)
     acc = tl.zeros((BLOCK_B, BLOCK_D_OUT), dtype=tl.float32)
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, num_cols)
@@ -114,11 +111,8 @@ def _grad_centers_kernel(
     for b0 in range(0, batch, BLOCK_B):
         offs_b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
         mask_b = offs_b < batch
-        x_inv_norm = tl.load(x_inv_norm_ptr + offs_b, mask=mask_b, other=0.0)
-        target_pos = tl.load(target_pos_ptr + offs_b, mask=mask_b, other=-1)
-        lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
-        grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
-        grad_target_cos = tl.load(grad_target_cos_ptr + offs_b, mask=mask_b, other=0.0)
+        x_inv_norm, target_pos, lse, grad_lse, grad_target_cos = backward_rows(
+            x_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr, offs_b, mask_b)
         cos = cosine_tile(x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w,
                           x_inv_norm, w_inv_norm, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
         grad_cos = cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, grad_target_cos, scale)

@@ -26,6 +26,17 @@ def column_tile(index_ptr, w_inv_norm_ptr, c0, col_end, HAS_INDEX: tl.constexpr,
 
 
 @triton.jit
+def backward_rows(x_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr, offs_b, mask_b):
+    """Per-row inputs of the backward kernels; padding rows get zero gradients and no target."""
+    x_inv_norm = tl.load(x_inv_norm_ptr + offs_b, mask=mask_b, other=0.0)
+    target_pos = tl.load(target_pos_ptr + offs_b, mask=mask_b, other=-1)
+    lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
+    grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
+    grad_target_cos = tl.load(grad_target_cos_ptr + offs_b, mask=mask_b, other=0.0)
+    return x_inv_norm, target_pos, lse, grad_lse, grad_target_cos
+
+
+@triton.jit
 def cosine_tile(
     x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w, x_inv_norm, w_inv_norm,
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,

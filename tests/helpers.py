@@ -39,5 +39,5 @@ def loss_and_grads(fn, x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, 
 
 def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute error, relative to the largest magnitude of ``expected``."""
-    scale = expected.abs().max().clamp_min(1e-30)
-    return float((actual.detach().double() - expected.detach().double()).abs().max() / scale)
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))

@@ -7,7 +7,13 @@ cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
 OUT="${OUT:-/tmp/fastpfc-gpu}"
 mkdir -p "$OUT"
-python3 -m pip install -q --no-deps --no-build-isolation -e . || exit 1
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . ; then
+    # An older setuptools may not read pyproject.toml: lay the package out by hand instead.
+    site=/tmp/fastpfc-site && rm -rf "$site" && mkdir -p "$site"
+    cp -r fastpfc "$site/" && cp -r kernels "$site/fastpfc/kernels"
+    export PYTHONPATH="$site:$PWD"
+fi
+python3 -c "import fastpfc.kernels" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 

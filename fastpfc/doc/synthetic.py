@@ -1,0 +1,233 @@
+"""Procedurally generated documents: types that share a template, instances that differ in content.
+
+A document *type* is a template drawn from its own seed: kind (ID card, bank card, form, receipt,
+certificate), aspect ratio, background and pattern, header band and title, logo shapes, photo box,
+chip, field labels, table, barcode, stamp. Types come in look-alike *families*: members share the
+layout and differ in colours and issuer name, and each family has two format *generations* that
+move a few elements. An *instance* fills the template with its own values (field text, photo,
+numbers). :func:`capture` then photographs it: perspective, rotation, crop, lighting gradient,
+glare, shadow, blur, noise, JPEG and a colour cast.
+
+Everything is deterministic from integer seeds. Training and evaluation types never overlap: their
+type ids come from disjoint ranges (:data:`EVAL_TYPE_OFFSET`).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
+
+KINDS = ("id_card", "bank_card", "form", "receipt", "certificate")
+ASPECT = {"id_card": 1.586, "bank_card": 1.586, "form": 0.707, "receipt": 0.4, "certificate": 1.414}
+#: Types per look-alike family (same layout, other colours / issuer) and generations per family.
+FAMILY_SIZE, GENERATIONS = 3, 2
+#: Evaluation type ids start here, so no evaluation type is ever a training type.
+EVAL_TYPE_OFFSET = 1_000_000
+_WORDS = ("NATIONAL", "REPUBLIC", "BANK", "UNION", "CREDIT", "INSURANCE", "LICENSE", "PERMIT", "RESIDENT",
+          "STATE", "CITY", "HEALTH", "TAX", "POSTAL", "TRANSIT", "UNIVERSITY", "MEMBER", "AGENCY")
+_LABELS = ("NAME", "DATE", "NO.", "ADDRESS", "EXPIRES", "ISSUED", "CLASS", "SEX", "ID", "TOTAL", "REF")
+
+
+def _colour(rng: random.Random, light: bool) -> tuple[int, int, int]:
+    low, high = (170, 255) if light else (20, 140)
+    return tuple(rng.randint(low, high) for _ in range(3))
+
+
+@dataclass(frozen=True)
+class DocumentType:
+    """A template. ``family`` and ``generation`` say which look-alikes it has."""
+
+    type_id: int
+    family: int
+    generation: int
+    kind: str
+    width: int
+    height: int
+    layout: dict
+    style: dict
+
+    @classmethod
+    def from_id(cls, type_id: int, base_width: int = 320) -> DocumentType:
+        family, member = divmod(type_id, FAMILY_SIZE * GENERATIONS)
+        generation, _ = divmod(member, FAMILY_SIZE)
+        layout_rng = random.Random(f"layout-{family}")  # shared by the whole family
+        style_rng = random.Random(f"style-{type_id}")  # this member's colours and issuer
+        kind = layout_rng.choice(KINDS)
+        aspect = ASPECT[kind] * layout_rng.uniform(0.95, 1.05)
+        width, height = (base_width, round(base_width / aspect)) if aspect >= 1 else (round(base_width * aspect),
+                                                                                       base_width)
+        layout = {
+            "header": layout_rng.uniform(0.12, 0.22),
+            "pattern": layout_rng.choice(("stripes", "dots", "waves", "plain")),
+            "photo": kind == "id_card" or layout_rng.random() < 0.2,
+            "photo_left": layout_rng.random() < 0.5,
+            "chip": kind == "bank_card",
+            "table_rows": layout_rng.randint(3, 8) if kind in ("form", "receipt") else 0,
+            "fields": [(layout_rng.uniform(0.05, 0.5), layout_rng.uniform(0.3, 0.9), layout_rng.choice(_LABELS))
+                       for _ in range(layout_rng.randint(3, 6))],
+            "logos": [(layout_rng.choice(("circle", "square", "triangle")), layout_rng.uniform(0.6, 0.9),
+                       layout_rng.uniform(0.25, 0.75)) for _ in range(layout_rng.randint(1, 2))],
+            "barcode": layout_rng.random() < 0.6,
+            "stamp": kind in ("certificate", "form") and layout_rng.random() < 0.7,
+        }
+        if generation == 1:  # the newer format: header grows, photo swaps sides, barcode toggles
+            layout = {**layout, "header": layout["header"] * 1.3, "photo_left": not layout["photo_left"],
+                      "barcode": not layout["barcode"]}
+        style = {
+            "background": _colour(style_rng, light=True),
+            "ink": _colour(style_rng, light=False),
+            "band": _colour(style_rng, light=False),
+            "accent": _colour(style_rng, light=False),
+            "title": " ".join(style_rng.sample(_WORDS, 2)),
+        }
+        return cls(type_id, family, generation, kind, width, height, layout, style)
+
+    def render(self, instance: int) -> Image.Image:
+        """A clean image of instance ``instance`` of this type (RGB, ``width`` x ``height``)."""
+        rng = random.Random(f"instance-{self.type_id}-{instance}")
+        w, h, lay, sty = self.width, self.height, self.layout, self.style
+        image = Image.new("RGB", (w, h), sty["background"])
+        draw = ImageDraw.Draw(image)
+        font = ImageFont.load_default()
+        _pattern(draw, lay["pattern"], w, h, sty["accent"])
+        band = round(h * lay["header"])
+        draw.rectangle((0, 0, w, band), fill=sty["band"])
+        draw.text((8, band // 3), sty["title"], fill=sty["background"], font=font)
+        for shape, fx, fy in lay["logos"]:
+            _shape(draw, shape, (fx * w, fy * band), band * 0.35, sty["accent"])
+        if lay["photo"]:
+            x0 = 0.06 * w if lay["photo_left"] else 0.68 * w
+            box = (x0, band + 0.1 * h, x0 + 0.26 * w, band + 0.1 * h + 0.55 * (h - band))
+            draw.rectangle(box, fill=_colour(rng, light=True), outline=sty["ink"])
+            cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+            draw.ellipse((cx - 0.3 * (box[2] - box[0]), cy - 0.35 * (box[3] - box[1]), cx + 0.3 * (box[2] - box[0]),
+                          cy + 0.15 * (box[3] - box[1])), fill=_colour(rng, light=False))
+        if lay["chip"]:
+            draw.rounded_rectangle((0.1 * w, 0.42 * h, 0.24 * w, 0.6 * h), radius=4, fill=(212, 175, 55))
+        offset = 0.3 * w if lay["photo"] and lay["photo_left"] else 0.0
+        for fx, fy, label in lay["fields"]:
+            x, y = offset + fx * (w - offset), band + fy * (h - band) * 0.8
+            draw.text((x, y), label, fill=sty["accent"], font=font)
+            draw.text((x, y + 11), _random_value(rng), fill=sty["ink"], font=font)
+        if lay["table_rows"]:
+            top, row_h = band + 0.35 * (h - band), 0.5 * (h - band) / lay["table_rows"]
+            for r in range(lay["table_rows"] + 1):
+                draw.line((0.05 * w, top + r * row_h, 0.95 * w, top + r * row_h), fill=sty["ink"])
+            for r in range(lay["table_rows"]):
+                draw.text((0.07 * w, top + r * row_h + 2), _random_value(rng), fill=sty["ink"], font=font)
+        if lay["barcode"]:
+            x = 0.55 * w
+            while x < 0.95 * w:
+                bar = rng.choice((1, 2, 3))
+                draw.rectangle((x, 0.88 * h, x + bar - 1, 0.97 * h), fill=sty["ink"])
+                x += bar + rng.choice((1, 2))
+        if lay["stamp"]:
+            cx, cy, r = rng.uniform(0.6, 0.85) * w, rng.uniform(0.6, 0.8) * h, 0.08 * min(w, h) + 8
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(170, 30, 30), width=3)
+        return image
+
+
+def _pattern(draw: ImageDraw.ImageDraw, kind: str, w: int, h: int, colour: tuple[int, int, int]) -> None:
+    faint = tuple(int(0.25 * c + 0.75 * 235) for c in colour)
+    if kind == "stripes":
+        for x in range(-h, w, 12):
+            draw.line((x, h, x + h, 0), fill=faint)
+    elif kind == "dots":
+        for y in range(4, h, 10):
+            for x in range(4, w, 10):
+                draw.point((x, y), fill=faint)
+    elif kind == "waves":
+        for y0 in range(10, h, 16):
+            draw.line([(x, y0 + 4 * math.sin(x / 9)) for x in range(0, w, 3)], fill=faint)
+
+
+def _shape(draw: ImageDraw.ImageDraw, shape: str, centre: tuple[float, float], r: float, colour) -> None:
+    cx, cy = centre
+    if shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    elif shape == "square":
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+
+
+def _random_value(rng: random.Random) -> str:
+    alphabet = "ABCDEFGHJKLMNPRSTUVWXYZ0123456789"
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(5, 12)))
+
+
+def capture(image: Image.Image, seed: int, size: int = 128) -> Image.Image:
+    """Photograph ``image`` with a hand-held camera: a ``size`` x ``size`` RGB image."""
+    rng = random.Random(f"capture-{seed}")
+    w, h = image.size
+    pad = round(0.15 * max(w, h))
+    canvas = Image.new("RGB", (w + 2 * pad, h + 2 * pad), _colour(rng, light=rng.random() < 0.5))
+    canvas.paste(image, (pad, pad))
+    canvas = canvas.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR, expand=False)
+    jitter = [rng.uniform(-0.06, 0.06) * s for s in (w, h) * 4]
+    corners = [(pad + jitter[0], pad + jitter[1]), (pad + w + jitter[2], pad + jitter[3]),
+               (pad + w + jitter[4], pad + h + jitter[5]), (pad + jitter[6], pad + h + jitter[7])]
+    margin = rng.uniform(0.0, 0.1)
+    canvas = canvas.transform((size, size), Image.QUAD, _expand(corners, margin), resample=Image.BILINEAR)
+    pixels = np.asarray(canvas, dtype=np.float32)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    angle = rng.uniform(0, 2 * math.pi)
+    light = 1.0 + rng.uniform(-0.35, 0.2) * (math.cos(angle) * (xx - 0.5) + math.sin(angle) * (yy - 0.5)) * 2
+    if rng.random() < 0.5:  # glare spot
+        gx, gy, gr = rng.random(), rng.random(), rng.uniform(0.08, 0.25)
+        light = light + 0.9 * np.exp(-((xx - gx) ** 2 + (yy - gy) ** 2) / (2 * gr * gr))
+    if rng.random() < 0.4:  # shadow over one side
+        light = light * np.where(xx * math.cos(angle) + yy * math.sin(angle) > rng.uniform(0.3, 1.0), 0.6, 1.0)
+    cast = np.array([rng.uniform(0.85, 1.15) for _ in range(3)], dtype=np.float32)
+    noise = np.random.default_rng(seed).normal(0.0, rng.uniform(0, 8), pixels.shape).astype(np.float32)
+    pixels = np.clip(pixels * light[..., None] * cast + noise, 0, 255).astype(np.uint8)
+    photo = Image.fromarray(pixels).filter(ImageFilter.GaussianBlur(rng.uniform(0, 1.2)))
+    photo = ImageEnhance.Contrast(photo).enhance(rng.uniform(0.8, 1.2))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="JPEG", quality=rng.randint(40, 90))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def _expand(corners: list[tuple[float, float]], margin: float) -> tuple[float, ...]:
+    """Quad corners (upper-left, lower-left, lower-right, upper-right for PIL) grown by ``margin``."""
+    cx = sum(x for x, _ in corners) / 4
+    cy = sum(y for _, y in corners) / 4
+    grown = [(cx + (x - cx) * (1 + margin), cy + (y - cy) * (1 + margin)) for x, y in corners]
+    ul, ur, lr, ll = grown
+    return (*ul, *ll, *lr, *ur)
+
+
+class SyntheticDocuments(torch.utils.data.Dataset):
+    """``num_types`` document types x ``per_type`` captures, as ([3, size, size] float tensors, label).
+
+    Labels are ``0 .. num_types - 1``. ``split='train'`` and ``split='eval'`` draw disjoint types.
+    With ``clean=True`` an item is the uncaptured document resized (a registration image).
+    """
+
+    def __init__(self, num_types: int, per_type: int, split: str = "train", size: int = 128, seed: int = 0,
+                 clean: bool = False) -> None:
+        if split not in ("train", "eval"):
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        offset = EVAL_TYPE_OFFSET if split == "eval" else 0
+        self.types = [DocumentType.from_id(offset + seed * num_types + t) for t in range(num_types)]
+        self.per_type, self.size, self.seed, self.clean = per_type, size, seed, clean
+
+    def __len__(self) -> int:
+        return len(self.types) * self.per_type
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        label, instance = divmod(item, self.per_type)
+        doc_type = self.types[label]
+        image = doc_type.render(instance)
+        if self.clean:
+            image = image.resize((self.size, self.size), Image.BILINEAR)
+        else:
+            image = capture(image, seed=(doc_type.type_id * 1_000_003 + instance) * 31 + self.seed, size=self.size)
+        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+        return array.permute(2, 0, 1).float().div_(255.0), label

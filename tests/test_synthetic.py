@@ -1,0 +1,55 @@
+"""The synthetic document generator: deterministic, disjoint splits, template shared, content varies."""
+
+import numpy as np
+import torch
+
+from fastpfc.doc.synthetic import FAMILY_SIZE, DocumentType, SyntheticDocuments, capture
+
+
+def test_deterministic_from_seeds():
+    first, second = SyntheticDocuments(4, 3, seed=5), SyntheticDocuments(4, 3, seed=5)
+    for item in (0, 5, 11):
+        assert torch.equal(first[item][0], second[item][0]) and first[item][1] == second[item][1]
+    assert not torch.equal(first[0][0], SyntheticDocuments(4, 3, seed=6)[0][0])
+
+
+def test_train_and_eval_types_never_overlap():
+    train = SyntheticDocuments(200, 1, split="train")
+    evaluation = SyntheticDocuments(200, 1, split="eval")
+    assert not {t.type_id for t in train.types} & {t.type_id for t in evaluation.types}
+    assert not {t.family for t in train.types} & {t.family for t in evaluation.types}
+
+
+def test_instances_share_the_template_and_differ_in_content():
+    doc_type = DocumentType.from_id(7)
+    a, b = (np.asarray(doc_type.render(i)) for i in (0, 1))
+    band = round(doc_type.height * doc_type.layout["header"])
+    assert np.array_equal(a[:band], b[:band]), "header band (title, logos) is part of the template"
+    assert not np.array_equal(a, b), "field values differ between instances"
+
+
+def test_look_alikes_share_layout_not_style():
+    first, sibling = DocumentType.from_id(0), DocumentType.from_id(1)
+    assert first.family == sibling.family and first.layout == sibling.layout
+    assert first.style != sibling.style
+    newer = DocumentType.from_id(FAMILY_SIZE)  # same family, next format generation
+    assert newer.family == first.family and newer.generation == 1 and newer.layout != first.layout
+
+
+def test_captures():
+    doc = DocumentType.from_id(3).render(0)
+    shots = [np.asarray(capture(doc, seed=s, size=96), dtype=np.float32) for s in (1, 2)]
+    assert shots[0].shape == (96, 96, 3)
+    assert np.abs(shots[0] - shots[1]).mean() > 5, "two captures of one document differ"
+    clean = np.asarray(doc.resize((96, 96)), dtype=np.float32)
+    assert np.abs(shots[0] - clean).mean() > 5
+
+
+def test_dataset_items():
+    data = SyntheticDocuments(3, 2, size=64)
+    image, label = data[5]
+    assert len(data) == 6 and label == 2
+    assert image.shape == (3, 64, 64) and image.dtype == torch.float32
+    assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.02
+    clean, _ = SyntheticDocuments(3, 2, size=64, clean=True)[5]
+    assert not torch.equal(clean, image)

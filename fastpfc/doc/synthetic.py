@@ -122,7 +122,7 @@ class DocumentType:
             for r in range(lay["table_rows"]):
                 draw.text((0.07 * w, top + r * row_h + 2), _random_value(rng), fill=sty["ink"], font=font)
         if lay["barcode"]:
-            x = 0.55 * w
+            x = int(0.55 * w)
             while x < 0.95 * w:
                 bar = rng.choice((1, 2, 3))
                 draw.rectangle((x, 0.88 * h, x + bar - 1, 0.97 * h), fill=sty["ink"])
@@ -221,13 +221,16 @@ class SyntheticDocuments(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.types) * self.per_type
 
-    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """Item ``item``, or ``(item, draw)``: another capture of the same document for each draw."""
+        item, draw = item if isinstance(item, tuple) else (item, 0)
         label, instance = divmod(item, self.per_type)
         doc_type = self.types[label]
         image = doc_type.render(instance)
         if self.clean:
             image = image.resize((self.size, self.size), Image.BILINEAR)
         else:
-            image = capture(image, seed=(doc_type.type_id * 1_000_003 + instance) * 31 + self.seed, size=self.size)
+            seed = ((doc_type.type_id * 1_000_003 + instance) * 7919 + draw) * 31 + self.seed
+            image = capture(image, seed=seed, size=self.size)
         array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
         return array.permute(2, 0, 1).float().div_(255.0), label

@@ -1,0 +1,64 @@
+"""The document embedder: a timm backbone, a squeeze conv and a LayerNorm/BatchNorm embedding head."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+#: Norm layouts of the head, by name: the norms after each of its two linear layers.
+HEAD_NORMS = {
+    "ln+bn": lambda d: nn.Sequential(nn.LayerNorm(d), nn.BatchNorm1d(d)),
+    "ln": nn.LayerNorm,
+    "bn": nn.BatchNorm1d,
+}
+
+
+class EmbeddingHead(nn.Module):
+    """[B, C, H, W] features -> [B, embedding_size]: 1x1 squeeze conv, flatten, then
+    Linear -> norms -> Linear -> norms, with no bias and no activation (the recipe's head)."""
+
+    def __init__(self, channels: int, spatial: tuple[int, int], embedding_size: int = 256,
+                 squeeze_channels: int = 32, hidden: int = 512, norm: str = "ln+bn") -> None:
+        super().__init__()
+        if norm not in HEAD_NORMS:
+            raise ValueError(f"unknown head norm {norm!r}; choose one of {sorted(HEAD_NORMS)}")
+        self.squeeze = nn.Conv2d(channels, squeeze_channels, kernel_size=1, bias=False)
+        self.layers = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(squeeze_channels * spatial[0] * spatial[1], hidden, bias=False), HEAD_NORMS[norm](hidden),
+            nn.Linear(hidden, embedding_size, bias=False), HEAD_NORMS[norm](embedding_size),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.layers(self.squeeze(features))
+
+
+class DocumentEmbedder(nn.Module):
+    """timm backbone ``backbone`` + :class:`EmbeddingHead`; images [B, 3, S, S] in [0, 1].
+
+    ``forward`` gives the raw embedding (for the loss); :meth:`embed` the L2-normalised one (for
+    inference). ``weights`` is a local file of pretrained backbone weights (nothing is downloaded).
+    """
+
+    def __init__(self, backbone: str = "lcnet_050", embedding_size: int = 256, image_size: int = 128,
+                 head_norm: str = "ln+bn", weights: str | None = None) -> None:
+        super().__init__()
+        import timm  # the training extra; the loss itself does not need it
+
+        overlay = {"file": weights} if weights else None
+        self.backbone = timm.create_model(backbone, pretrained=weights is not None, num_classes=0, global_pool="",
+                                          pretrained_cfg_overlay=overlay)
+        config = self.backbone.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(config.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(config.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+        with torch.no_grad():
+            features = self.backbone.forward_features(torch.zeros(1, 3, image_size, image_size))
+        self.head = EmbeddingHead(features.shape[1], tuple(features.shape[2:]), embedding_size, norm=head_norm)
+        self.embedding_size = embedding_size
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_features((images - self.mean) / self.std))
+
+    @torch.no_grad()
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(self(images).float(), dim=1)

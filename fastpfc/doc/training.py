@@ -1,0 +1,252 @@
+"""Training of the document embedder with PartialFCLoss, evaluation, and exact-resume checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastpfc import PartialFCLoss, create_margin
+
+from .evaluation import registration_accuracy, verification_report
+from .model import DocumentEmbedder
+from .synthetic import SyntheticDocuments
+
+
+def _option(default, help: str):  # noqa: A002  (the argparse word)
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run needs; ``train.py`` turns each field into a command-line option."""
+
+    run_dir: str = _option("runs/default", "run folder: config, checkpoint, metrics, eval, plots")
+    backbone: str = _option("lcnet_050", "timm backbone name")
+    weights: str | None = _option(None, "local file of pretrained backbone weights (nothing is downloaded)")
+    embedding_size: int = _option(256, "embedding dimension")
+    image_size: int = _option(128, "input images are image_size x image_size")
+    head_norm: str = _option("ln+bn", "norms after the head's linear layers: ln+bn, ln or bn")
+    train_types: int = _option(400, "synthetic document types (classes) to train on")
+    per_type: int = _option(8, "synthetic documents per training type")
+    eval_types: int = _option(100, "unseen synthetic types to evaluate on")
+    eval_per_type: int = _option(8, "captures per evaluation type")
+    steps: int = _option(500, "optimizer steps")
+    batch_size: int = _option(64, "images per step")
+    lr: float = _option(2e-3, "peak learning rate of the backbone and head")
+    center_lr: float = _option(2e-2, "peak learning rate of the class centers")
+    weight_decay: float = _option(0.05, "AdamW weight decay of the backbone and head")
+    warmup_steps: int = _option(50, "linear warm-up steps")
+    schedule: str = _option("cosine", "decay after warm-up: cosine or poly")
+    margin: str = _option("cosface", "margin: cosface, arcface, combined or softmax")
+    scale: float = _option(64.0, "margin scale s")
+    margin_m: float = _option(0.4, "margin m")
+    sample_rate: float = _option(1.0, "PartialFC sample rate of the class centers")
+    clip_grad: float = _option(5.0, "gradient norm clip of the backbone and head")
+    workers: int = _option(min(4, os.cpu_count() or 1), "DataLoader worker processes")
+    checkpoint_every: int = _option(200, "steps between checkpoints")
+    seed: int = _option(0, "seed of the data, the model and the sampling")
+    backend: str = _option("auto", "PartialFC backend: auto, triton or torch")
+
+
+def warmup_then_decay(config: TrainConfig):
+    """Learning-rate factor of each step: linear warm-up, then cosine or polynomial decay to 0."""
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else (1 - progress) ** 2
+    return factor
+
+
+class BatchSchedule:
+    """The batches of every step, a function of (seed, step) alone: resuming at step k replays
+    exactly what an uninterrupted run would have drawn. Each epoch is a new permutation and a new
+    capture of every document (the ``draw``)."""
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+        self.num_items, self.batch_size, self.seed, self.start, self.stop = num_items, batch_size, seed, start, stop
+        self.per_epoch = num_items // batch_size
+
+    def __len__(self) -> int:
+        return self.stop - self.start
+
+    def __iter__(self):
+        for step in range(self.start, self.stop):
+            epoch, position = divmod(step, self.per_epoch)
+            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            yield [(int(i), epoch) for i in order[position * self.batch_size:(position + 1) * self.batch_size]]
+
+
+def embed_dataset(model: DocumentEmbedder, dataset, device: torch.device, batch_size: int = 128) -> torch.Tensor:
+    model.eval()
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+    return torch.cat([model.embed(images.to(device)).cpu() for images, _ in loader])
+
+
+def evaluate(model: DocumentEmbedder, config: TrainConfig, device: torch.device) -> dict:
+    """TPR@FPR over all pairs of captures of unseen types, and registration accuracy: one clean
+    image registered for the first half of the types, captures of all types as queries, the other
+    half to be rejected at the FPR=1e-4 threshold."""
+    captures = SyntheticDocuments(config.eval_types, config.eval_per_type, "eval", config.image_size, config.seed)
+    clean = SyntheticDocuments(config.eval_types, 1, "eval", config.image_size, config.seed, clean=True)
+    labels = torch.arange(config.eval_types).repeat_interleave(config.eval_per_type)
+    embeddings = embed_dataset(model, captures, device)
+    report = verification_report(embeddings, labels)
+    registered = torch.arange(config.eval_types // 2)
+    gallery = embed_dataset(model, torch.utils.data.Subset(clean, registered.tolist()), device)
+    threshold = report.at(1e-4).threshold
+    registration = registration_accuracy(gallery, registered, embeddings, labels, threshold)
+    return {"verification": report.as_dict(), "registration": {**registration, "threshold": threshold},
+            "roc": {"fpr": report.roc_fpr.tolist(), "tpr": report.roc_tpr.tolist()}}
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, step: int, model, loss_fn, optimizer, scheduler) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    state = {"step": step, "model": model.state_dict(), "loss": loss_fn.state_dict(),
+             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
+    partial = path.with_suffix(".tmp")
+    torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(config: TrainConfig, progress: bool = True) -> dict:
+    """Train (or resume) the run in ``config.run_dir``; returns the evaluation of the untrained and
+    the trained network. Ctrl-C saves a checkpoint; a non-finite loss stops with an error naming
+    the step and leaves the last checkpoint as it was."""
+    from tqdm import tqdm
+
+    run = Path(config.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(config.seed)
+    model = DocumentEmbedder(config.backbone, config.embedding_size, config.image_size, config.head_norm,
+                             config.weights).to(device)
+    margin_args = {"s": config.scale} | ({"m": config.margin_m} if config.margin in ("cosface", "arcface") else {})
+    loss_fn = PartialFCLoss(config.embedding_size, config.train_types, create_margin(config.margin, **margin_args),
+                            sample_rate=config.sample_rate, backend=config.backend, seed=config.seed).to(device)
+    optimizer = torch.optim.AdamW([
+        {"params": model.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
+        {"params": loss_fn.parameters(), "lr": config.center_lr, "weight_decay": 0.0},
+    ])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(config))
+    checkpoint, start = run / "checkpoint.pt", 0
+    untrained_path = run / "eval_untrained.json"
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+    else:
+        untrained_path.write_text(json.dumps(evaluate(model, config, device)))
+
+    data = SyntheticDocuments(config.train_types, config.per_type, "train", config.image_size, config.seed)
+    schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, config.steps)
+    loader = torch.utils.data.DataLoader(data, batch_sampler=schedule, num_workers=config.workers)
+    step = start
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train")
+    interrupted = _StopOnInterrupt()
+    try:
+        for images, labels in loader:
+            model.train()
+            began = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                embeddings = model(images.to(device))
+            loss = loss_fn(embeddings.float(), labels.to(device))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"the loss is {loss.item()} at step {step}; stopped without saving, "
+                                         f"the last checkpoint ({checkpoint}) is as it was")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            rate = len(labels) / (time.perf_counter() - began)
+            _append_metrics(run / "metrics.jsonl", {"step": step, "loss": loss.item(),
+                                                    "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
+            stop = interrupted.requested
+            if step % config.checkpoint_every == 0 or stop:
+                save_checkpoint(checkpoint, step, model, loss_fn, optimizer, scheduler)
+            if stop:
+                raise KeyboardInterrupt(f"interrupted: step {step} saved to {checkpoint}; run again to resume")
+    finally:
+        bar.close()
+        interrupted.restore()
+    save_checkpoint(checkpoint, step, model, loss_fn, optimizer, scheduler)
+    results = {"untrained": json.loads(untrained_path.read_text()), "trained": evaluate(model, config, device)}
+    (run / "eval.json").write_text(json.dumps(results, indent=2))
+    _plot(run, results)
+    return results
+
+
+class _StopOnInterrupt:
+    """The first Ctrl-C asks the loop to stop after the current step (which is then saved);
+    a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _plot(run: Path, results: dict) -> None:
+    """loss.png (the training curve) and roc.png (untrained vs trained), when matplotlib is there."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
+    ax.set(xlabel="step", ylabel="loss", title="training loss")
+    fig.savefig(run / "loss.png", dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, result in results.items():
+        tpr_at = result["verification"]["points"][1]["tpr"]
+        ax.plot(result["roc"]["fpr"], result["roc"]["tpr"], label=f"{name} (TPR@1e-4 = {tpr_at:.3f})")
+    ax.set(xscale="log", xlim=(1e-5, 1), xlabel="FPR", ylabel="TPR", title="ROC, unseen document types")
+    ax.legend()
+    fig.savefig(run / "roc.png", dpi=100)
+    plt.close("all")

@@ -1,0 +1,91 @@
+"""The document embedder and its training loop, on tiny synthetic data (CPU)."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+
+import fastpfc.doc.training as training  # noqa: E402
+from fastpfc.doc.model import DocumentEmbedder  # noqa: E402
+from fastpfc.doc.training import TrainConfig, train  # noqa: E402
+
+
+def _config(tmp_path, **overrides) -> TrainConfig:
+    settings = dict(run_dir=str(tmp_path), image_size=64, embedding_size=32, train_types=12, per_type=4,
+                    eval_types=6, eval_per_type=3, steps=6, batch_size=16, warmup_steps=2, workers=0,
+                    checkpoint_every=3, scale=16.0, margin_m=0.2)
+    return TrainConfig(**(settings | overrides))
+
+
+def test_head_layout_and_normalised_output():
+    model = DocumentEmbedder(embedding_size=32, image_size=64)
+    layers = [type(m).__name__ for m in model.head.layers]
+    assert layers == ["Flatten", "Linear", "Sequential", "Linear", "Sequential"]
+    assert [type(m).__name__ for m in model.head.layers[2]] == ["LayerNorm", "BatchNorm1d"]
+    assert all(m.bias is None for m in model.head.modules() if isinstance(m, torch.nn.Linear | torch.nn.Conv2d))
+    model.eval()
+    out = model.embed(torch.rand(3, 3, 64, 64))
+    assert out.shape == (3, 32) and torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+    with pytest.raises(ValueError, match="unknown head norm"):
+        DocumentEmbedder(embedding_size=32, image_size=64, head_norm="gn")
+
+
+def test_training_lowers_the_loss_and_writes_the_run(tmp_path):
+    config = _config(tmp_path, steps=40, lr=3e-3, checkpoint_every=100)
+    results = train(config, progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 40
+    assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
+    assert {"untrained", "trained"} <= set(results)
+    for name in ("config.json", "checkpoint.pt", "eval.json", "loss.png", "roc.png"):
+        assert (tmp_path / name).exists(), name
+
+
+class _InterruptAfter:
+    """Stands in for Ctrl-C: asks the loop to stop once ``steps`` steps have run."""
+
+    def __init__(self, steps: int) -> None:
+        self.checks, self.steps = 0, steps
+
+    @property
+    def requested(self) -> bool:
+        self.checks += 1
+        return self.checks >= self.steps
+
+    def restore(self) -> None:
+        pass
+
+
+def test_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, monkeypatch):
+    uninterrupted = _config(tmp_path / "a")
+    train(uninterrupted, progress=False)
+    resumed = _config(tmp_path / "b")
+    monkeypatch.setattr(training, "_StopOnInterrupt", lambda: _InterruptAfter(2))
+    with pytest.raises(KeyboardInterrupt, match="step 2 saved"):
+        train(resumed, progress=False)
+    monkeypatch.undo()
+    train(resumed, progress=False)
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    assert a["step"] == b["step"] == 6
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert torch.equal(a["loss"]["weight"], b["loss"]["weight"])
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    config = _config(tmp_path)
+    real_forward = training.PartialFCLoss.forward
+    calls = []
+
+    def forward(self, embeddings, labels):
+        calls.append(1)
+        loss = real_forward(self, embeddings, labels)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(training.PartialFCLoss, "forward", forward)
+    with pytest.raises(FloatingPointError, match="at step 4"):
+        train(config, progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3

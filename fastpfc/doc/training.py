@@ -176,10 +176,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     step = start
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train")
     interrupted = _StopOnInterrupt()
+    last = time.perf_counter()
     try:
         for images, labels in loader:
             model.train()
-            began = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 embeddings = model(images.to(device))
             loss = loss_fn(embeddings.float(), labels.to(device))
@@ -192,7 +192,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             optimizer.step()
             scheduler.step()
             step += 1
-            rate = len(labels) / (time.perf_counter() - began)
+            now = time.perf_counter()
+            rate = len(labels) / (now - last)  # wall clock, data loading included
+            last = now
             _append_metrics(run / "metrics.jsonl", {"step": step, "loss": loss.item(),
                                                     "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
             bar.update(1)

@@ -221,6 +221,15 @@ class SyntheticDocuments(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.types) * self.per_type
 
+    @property
+    def num_classes(self) -> int:
+        return len(self.types)
+
+    @property
+    def labels(self) -> list[int]:
+        """Class of every item, in item order."""
+        return [item // self.per_type for item in range(len(self))]
+
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         """Item ``item``, or ``(item, draw)``: another capture of the same document for each draw."""
         item, draw = item if isinstance(item, tuple) else (item, 0)

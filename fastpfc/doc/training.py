@@ -17,6 +17,7 @@ import torch
 from fastpfc import PartialFCLoss, create_margin
 
 from .evaluation import registration_accuracy, verification_report
+from .folders import ImageFolderDataset
 from .model import DocumentEmbedder
 from .synthetic import SyntheticDocuments
 
@@ -35,6 +36,10 @@ class TrainConfig:
     embedding_size: int = _option(256, "embedding dimension")
     image_size: int = _option(128, "input images are image_size x image_size")
     head_norm: str = _option("ln+bn", "norms after the head's linear layers: ln+bn, ln or bn")
+    data: str | None = _option(None, "folder of training images (default: the built-in synthetic documents)")
+    data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")
+    eval_data: str | None = _option(None, "folder of class sub-folders to evaluate on (default: unseen synthetic "
+                                           "types)")
     train_types: int = _option(400, "synthetic document types (classes) to train on")
     per_type: int = _option(8, "synthetic documents per training type")
     eval_types: int = _option(100, "unseen synthetic types to evaluate on")
@@ -92,19 +97,43 @@ def embed_dataset(model: DocumentEmbedder, dataset, device: torch.device, batch_
     return torch.cat([model.embed(images.to(device)).cpu() for images, _ in loader])
 
 
-def evaluate(model: DocumentEmbedder, config: TrainConfig, device: torch.device) -> dict:
-    """TPR@FPR over all pairs of captures of unseen types, and registration accuracy: one clean
-    image registered for the first half of the types, captures of all types as queries, the other
-    half to be rejected at the FPR=1e-4 threshold."""
-    captures = SyntheticDocuments(config.eval_types, config.eval_per_type, "eval", config.image_size, config.seed)
+LISTING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastpfc"
+
+
+def training_data(config: TrainConfig):
+    """The training set: an image folder (``--data``) or the built-in synthetic documents."""
+    if config.data is not None:
+        return ImageFolderDataset(config.data, config.data_layout, config.image_size, LISTING_CACHE)
+    return SyntheticDocuments(config.train_types, config.per_type, "train", config.image_size, config.seed)
+
+
+def evaluation_data(config: TrainConfig):
+    """(queries, gallery, gallery labels): the first half of the classes is registered with one
+    image each (a clean render for synthetic types, the first image of the class for a folder);
+    the other half must be rejected."""
+    if config.eval_data is not None:
+        queries = ImageFolderDataset(config.eval_data, "subfolders", config.image_size, LISTING_CACHE)
+        first = {}
+        for item, label in enumerate(queries.labels):
+            first.setdefault(label, item)
+        registered = list(range(queries.num_classes // 2))
+        return queries, torch.utils.data.Subset(queries, [first[c] for c in registered]), registered
+    queries = SyntheticDocuments(config.eval_types, config.eval_per_type, "eval", config.image_size, config.seed)
     clean = SyntheticDocuments(config.eval_types, 1, "eval", config.image_size, config.seed, clean=True)
-    labels = torch.arange(config.eval_types).repeat_interleave(config.eval_per_type)
-    embeddings = embed_dataset(model, captures, device)
+    registered = list(range(config.eval_types // 2))
+    return queries, torch.utils.data.Subset(clean, registered), registered
+
+
+def evaluate(model: DocumentEmbedder, config: TrainConfig, device: torch.device) -> dict:
+    """TPR@FPR over all pairs of the evaluation images (unseen classes), and registration accuracy
+    of all of them as queries at the FPR=1e-4 threshold (see :func:`evaluation_data`)."""
+    queries, gallery_data, registered = evaluation_data(config)
+    labels = torch.tensor(queries.labels)
+    embeddings = embed_dataset(model, queries, device)
     report = verification_report(embeddings, labels)
-    registered = torch.arange(config.eval_types // 2)
-    gallery = embed_dataset(model, torch.utils.data.Subset(clean, registered.tolist()), device)
+    gallery = embed_dataset(model, gallery_data, device)
     threshold = report.at(1e-4).threshold
-    registration = registration_accuracy(gallery, registered, embeddings, labels, threshold)
+    registration = registration_accuracy(gallery, torch.tensor(registered), embeddings, labels, threshold)
     return {"verification": report.as_dict(), "registration": {**registration, "threshold": threshold},
             "roc": {"fpr": report.roc_fpr.tolist(), "tpr": report.roc_tpr.tolist()}}
 
@@ -150,7 +179,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     model = DocumentEmbedder(config.backbone, config.embedding_size, config.image_size, config.head_norm,
                              config.weights).to(device)
     margin_args = {"s": config.scale} | ({"m": config.margin_m} if config.margin in ("cosface", "arcface") else {})
-    loss_fn = PartialFCLoss(config.embedding_size, config.train_types, create_margin(config.margin, **margin_args),
+    data = training_data(config)
+    loss_fn = PartialFCLoss(config.embedding_size, data.num_classes, create_margin(config.margin, **margin_args),
                             sample_rate=config.sample_rate, backend=config.backend, seed=config.seed).to(device)
     optimizer = torch.optim.AdamW([
         {"params": model.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
@@ -170,7 +200,6 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     else:
         untrained_path.write_text(json.dumps(evaluate(model, config, device)))
 
-    data = SyntheticDocuments(config.train_types, config.per_type, "train", config.image_size, config.seed)
     schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, config.steps)
     loader = torch.utils.data.DataLoader(data, batch_sampler=schedule, num_workers=config.workers)
     step = start

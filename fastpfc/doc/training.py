@@ -22,7 +22,7 @@ from .model import DocumentEmbedder
 from .synthetic import SyntheticDocuments
 
 
-def _option(default, help: str):  # noqa: A002  (the argparse word)
+def _option(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
@@ -78,6 +78,8 @@ class BatchSchedule:
     capture of every document (the ``draw``)."""
 
     def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int) -> None:
+        if num_items < batch_size:
+            raise ValueError(f"the training set has {num_items} items, fewer than one batch of {batch_size}")
         self.num_items, self.batch_size, self.seed, self.start, self.stop = num_items, batch_size, seed, start, stop
         self.per_epoch = num_items // batch_size
 
@@ -85,9 +87,12 @@ class BatchSchedule:
         return self.stop - self.start
 
     def __iter__(self):
+        epoch_of_order, order = None, None
         for step in range(self.start, self.stop):
             epoch, position = divmod(step, self.per_epoch)
-            order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch))
+            if epoch != epoch_of_order:  # one permutation per epoch, not per step
+                generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                epoch_of_order, order = epoch, torch.randperm(self.num_items, generator=generator)
             yield [(int(i), epoch) for i in order[position * self.batch_size:(position + 1) * self.batch_size]]
 
 
@@ -207,8 +212,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     interrupted = _StopOnInterrupt()
     last = time.perf_counter()
     try:
+        model.train()  # the evaluations before and after the loop switch it to eval mode
         for images, labels in loader:
-            model.train()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 embeddings = model(images.to(device))
             loss = loss_fn(embeddings.float(), labels.to(device))

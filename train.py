@@ -1,5 +1,8 @@
 """Train the document embedder: ``python train.py`` runs the built-in synthetic default on CPU or GPU.
 
+Under ``torchrun --nproc-per-node N train.py ...`` the backbone runs under DDP and the class
+centers are sharded over the ranks (``--batch-size`` is per rank).
+
 Every option is a field of ``fastpfc.doc.training.TrainConfig``; ``python train.py --help`` lists
 them with their defaults. A run lives in ``--run-dir`` (config, checkpoint, metrics.jsonl,
 eval.json, loss.png, roc.png); running again with the same folder resumes it exactly.
@@ -9,6 +12,8 @@ import argparse
 import dataclasses
 import json
 
+import torch.distributed as dist
+
 from fastpfc.doc.training import TrainConfig, train
 
 
@@ -16,15 +21,22 @@ def parse_args() -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for option in dataclasses.fields(TrainConfig):
-        kind = {"int": int, "float": float}.get(option.type, str)  # annotations are strings here
-        parser.add_argument("--" + option.name.replace("_", "-"), type=kind, default=option.default,
-                            help=option.metadata["help"])
+        name, help = "--" + option.name.replace("_", "-"), option.metadata["help"]
+        if option.type == "bool":  # annotations are strings here
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=option.default, help=help)
+        else:
+            kind = {"int": int, "float": float}.get(option.type, str)
+            parser.add_argument(name, type=kind, default=option.default, help=help)
     return TrainConfig(**vars(parser.parse_args()))
 
 
 def main() -> None:
     config = parse_args()
-    results = train(config)
+    try:
+        results = train(config)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     for name, result in results.items():
         point = result["verification"]["points"][1]
         registration = result["registration"]

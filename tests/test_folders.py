@@ -65,3 +65,13 @@ def test_training_on_folders(tmp_path):
     assert results["trained"]["registration"]["num_registered_queries"] == 2 * 3
     checkpoint = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
     assert checkpoint["loss"]["weight"].shape == (12, 16)  # every training image its own class
+
+
+def test_training_draws_are_camera_captures(tmp_path):
+    root = _tree(tmp_path / "data", classes=2, per_class=1)
+    plain = ImageFolderDataset(root, "per_image", size=32)
+    augmented = ImageFolderDataset(root, "per_image", size=32, augment=True)
+    assert torch.equal(augmented[1][0], plain[1][0])  # an index alone is the image resized
+    first, again, second = augmented[(1, 0)][0], augmented[(1, 0)][0], augmented[(1, 1)][0]
+    assert torch.equal(first, again) and not torch.equal(first, second)
+    assert not torch.equal(first, plain[1][0]) and first.shape == (3, 32, 32)

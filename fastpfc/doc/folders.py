@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .synthetic import capture
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 LAYOUTS = ("per_image", "subfolders")
 
@@ -63,16 +65,18 @@ def list_images(root: str | Path, cache_dir: str | Path | None = None) -> list[s
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images of a folder as ([3, size, size] float tensors in [0, 1], class) pairs.
 
-    ``labels[i]`` is the class of item ``i``; ``num_classes`` the number of classes. Items may be
-    ``(index, draw)`` pairs, as the training loop's batch schedule gives them (``draw`` is unused:
-    folder images are only resized).
+    ``labels[i]`` is the class of item ``i``; ``num_classes`` the number of classes. Item ``i`` is
+    the image resized. Items may also be ``(index, draw)`` pairs, as the training loop's batch
+    schedule gives them: with ``augment=True`` each draw is another camera capture of the image
+    (:func:`fastpfc.doc.synthetic.capture`: perspective, rotation, crop, lighting, glare, blur,
+    noise, JPEG), the augmentation that makes one image a class worth learning.
     """
 
     def __init__(self, root: str | Path, layout: str = "per_image", size: int = 128,
-                 cache_dir: str | Path | None = None) -> None:
+                 cache_dir: str | Path | None = None, augment: bool = False) -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.root, self.size = Path(root), size
+        self.root, self.size, self.augment = Path(root), size, augment
         self.paths = list_images(root, cache_dir)
         if layout == "per_image":
             self.labels = list(range(len(self.paths)))
@@ -93,12 +97,17 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
-        item = item[0] if isinstance(item, tuple) else item
+        item, draw = item if isinstance(item, tuple) else (item, None)
         path = self.root / self.paths[item]
         try:
             with Image.open(path) as image:
-                image = image.convert("RGB").resize((self.size, self.size), Image.BILINEAR)
+                image = image.convert("RGB")
         except (OSError, UnidentifiedImageError) as error:
             raise ValueError(f"cannot read image {path}: {error}") from error
+        if self.augment and draw is not None:
+            image.thumbnail((4 * self.size, 4 * self.size))  # capture() needs no more pixels than this
+            image = capture(image, seed=(item * 7919 + draw) * 31 + 17, size=self.size)
+        else:
+            image = image.resize((self.size, self.size), Image.BILINEAR)
         array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
         return array.permute(2, 0, 1).float().div_(255.0), self.labels[item]

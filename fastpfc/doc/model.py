@@ -46,18 +46,20 @@ class DocumentEmbedder(nn.Module):
         import timm  # the training extra; the loss itself does not need it
 
         overlay = {"file": weights} if weights else None
-        self.backbone = timm.create_model(backbone, pretrained=weights is not None, num_classes=0, global_pool="",
-                                          pretrained_cfg_overlay=overlay)
+        # features_only: the last feature map, without the classifier's layers (which would hold
+        # unused parameters: dead weight for AdamW and an error under DDP)
+        self.backbone = timm.create_model(backbone, pretrained=weights is not None, features_only=True,
+                                          out_indices=(-1,), pretrained_cfg_overlay=overlay)
         config = self.backbone.pretrained_cfg
         self.register_buffer("mean", torch.tensor(config.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(config.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
         with torch.no_grad():
-            features = self.backbone.forward_features(torch.zeros(1, 3, image_size, image_size))
+            features = self.backbone(torch.zeros(1, 3, image_size, image_size))[-1]
         self.head = EmbeddingHead(features.shape[1], tuple(features.shape[2:]), embedding_size, norm=head_norm)
         self.embedding_size = embedding_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone.forward_features((images - self.mean) / self.std))
+        return self.head(self.backbone((images - self.mean) / self.std)[-1])
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""Training of the document embedder with PartialFCLoss, evaluation, and exact-resume checkpoints."""
+"""Training of the document embedder with PartialFCLoss (and optional CLIP distillation),
+evaluation, and exact-resume checkpoints; one process or ``torchrun`` (DDP backbone, sharded centers)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from fastpfc import PartialFCLoss, create_margin
 
+from .distill import DISTILL_LOSSES, ClipTeacher, teacher_features
 from .evaluation import registration_accuracy, verification_report
 from .folders import ImageFolderDataset
 from .model import DocumentEmbedder
@@ -56,7 +60,16 @@ class TrainConfig:
     margin_m: float = _option(0.25, "margin m (the ImageNet-scale recipe uses 0.4)")
     sample_rate: float = _option(1.0, "PartialFC sample rate of the class centers")
     clip_grad: float = _option(5.0, "gradient norm clip of the backbone and head")
-    workers: int = _option(min(4, os.cpu_count() or 1), "DataLoader worker processes")
+    clip_model: str | None = _option(None, "open_clip model to distil from, e.g. ViT-B-32 (needs --clip-weights)")
+    clip_weights: str | None = _option(None, "local file of the open_clip model's weights")
+    teacher_cache: str | None = _option(None, "memory-mapped teacher features (default: <run-dir>/teacher.npy); "
+                                              "reused by runs with the same teacher and data")
+    distill_loss: str = _option("cosine", "distillation loss: cosine or kl (the recipe's, nearly flat)")
+    distill_weight: float = _option(1.0, "weight of the distillation loss next to the PartialFC loss")
+    channels_last: bool = _option(False, "channels_last memory format for the backbone")
+    compile: bool = _option(False, "torch.compile the network")
+    workers: int = _option(-1, "DataLoader worker processes per rank (-1: the CPU cores of this process split "
+                               "between the local ranks, at most 8)")
     checkpoint_every: int = _option(200, "steps between checkpoints")
     seed: int = _option(0, "seed of the data, the model and the sampling")
     backend: str = _option("auto", "PartialFC backend: auto, triton or torch")
@@ -75,13 +88,18 @@ def warmup_then_decay(config: TrainConfig):
 class BatchSchedule:
     """The batches of every step, a function of (seed, step) alone: resuming at step k replays
     exactly what an uninterrupted run would have drawn. Each epoch is a new permutation and a new
-    capture of every document (the ``draw``)."""
+    capture of every document (the ``draw``). With ``world`` ranks a step's global batch holds
+    ``world * batch_size`` items and rank ``rank`` takes its slice."""
 
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int) -> None:
-        if num_items < batch_size:
-            raise ValueError(f"the training set has {num_items} items, fewer than one batch of {batch_size}")
+    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int,
+                 rank: int = 0, world: int = 1) -> None:
+        if num_items < batch_size * world:
+            raise ValueError(f"the training set has {num_items} items, fewer than one global batch of "
+                             f"{world} x {batch_size}")
         self.num_items, self.batch_size, self.seed, self.start, self.stop = num_items, batch_size, seed, start, stop
-        self.per_epoch = num_items // batch_size
+        self.per_epoch = num_items // (batch_size * world)
+        self.offset = rank * batch_size
+        self.global_batch = batch_size * world
 
     def __len__(self) -> int:
         return self.stop - self.start
@@ -93,7 +111,8 @@ class BatchSchedule:
             if epoch != epoch_of_order:  # one permutation per epoch, not per step
                 generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
                 epoch_of_order, order = epoch, torch.randperm(self.num_items, generator=generator)
-            yield [(int(i), epoch) for i in order[position * self.batch_size:(position + 1) * self.batch_size]]
+            first = position * self.global_batch + self.offset
+            yield [(int(i), epoch) for i in order[first:first + self.batch_size]]
 
 
 def embed_dataset(model: DocumentEmbedder, dataset, device: torch.device, batch_size: int = 128) -> torch.Tensor:
@@ -106,10 +125,13 @@ LISTING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) /
 
 
 def training_data(config: TrainConfig):
-    """The training set: an image folder (``--data``) or the built-in synthetic documents."""
+    """The training set and a description of it (for the teacher cache): an image folder
+    (``--data``, camera-capture augmented) or the built-in synthetic documents."""
     if config.data is not None:
-        return ImageFolderDataset(config.data, config.data_layout, config.image_size, LISTING_CACHE)
-    return SyntheticDocuments(config.train_types, config.per_type, "train", config.image_size, config.seed)
+        data = ImageFolderDataset(config.data, config.data_layout, config.image_size, LISTING_CACHE, augment=True)
+        return data, {"folder": str(Path(config.data).resolve()), "layout": config.data_layout, "items": len(data)}
+    data = SyntheticDocuments(config.train_types, config.per_type, "train", config.image_size, config.seed)
+    return data, {"synthetic": [config.train_types, config.per_type, config.seed]}
 
 
 def evaluation_data(config: TrainConfig):
@@ -156,13 +178,87 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: Path, step: int, model, loss_fn, optimizer, scheduler) -> None:
+class Student(nn.Module):
+    """The embedder plus, when distilling, a bias-free projection of its embedding to the teacher's
+    dimension. ``forward`` gives ``(embeddings [B, D], projections [B, T] or None)``."""
+
+    def __init__(self, embedder: DocumentEmbedder, teacher_dim: int | None) -> None:
+        super().__init__()
+        self.embedder = embedder
+        self.projection = nn.Linear(embedder.embedding_size, teacher_dim, bias=False) if teacher_dim else None
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        embeddings = self.embedder(images)
+        return embeddings, (self.projection(embeddings) if self.projection is not None else None)
+
+
+def _start_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device); joins the process group when started by ``torchrun``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _workers(config: TrainConfig) -> int:
+    if config.workers >= 0:
+        return config.workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
+def _teacher(config: TrainConfig, data, data_identity: dict, device: torch.device, progress: bool):
+    """(teacher features [N, T] memory-mapped, T), or (None, None) without ``--clip-model``."""
+    if config.clip_model is None:
+        return None, None
+    if config.clip_weights is None:
+        raise ValueError("--clip-model needs --clip-weights, a local file of the model's weights")
+    if config.distill_loss not in DISTILL_LOSSES:
+        raise ValueError(f"unknown distillation loss {config.distill_loss!r}; choose one of {sorted(DISTILL_LOSSES)}")
+    teacher = ClipTeacher(config.clip_model, config.clip_weights).to(device)
+    weights = Path(config.clip_weights).resolve()
+    identity = {"model": config.clip_model, "weights": str(weights), "weights_bytes": weights.stat().st_size,
+                "weights_mtime_ns": weights.stat().st_mtime_ns, "image_size": config.image_size, **data_identity}
+    path = Path(config.teacher_cache or Path(config.run_dir) / "teacher.npy")
+    features = teacher_features(teacher, data, path, identity, device, workers=_workers(config), progress=progress)
+    return features, teacher.dim
+
+
+def save_checkpoint(path: Path, step: int, student: Student, loss_fn, optimizer, scheduler) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    state = {"step": step, "model": model.state_dict(), "loss": loss_fn.state_dict(),
+    state = {"step": step, "model": student.embedder.state_dict(), "loss": loss_fn.state_dict(),
+             "projection": student.projection.state_dict() if student.projection is not None else None,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
     partial = path.with_suffix(".tmp")
     torch.save(state, partial)
     os.replace(partial, path)
+
+
+def _load_checkpoint(path: Path, student: Student, loss_fn, optimizer, scheduler, world: int) -> int:
+    state = torch.load(path, weights_only=False, map_location="cpu")
+    student.embedder.load_state_dict(state["model"])
+    if (state["projection"] is None) != (student.projection is None):
+        raise ValueError(f"{path} was {'not ' if state['projection'] is None else ''}trained with distillation; "
+                         "resume it with the same --clip-model, or start a new --run-dir")
+    if student.projection is not None:
+        student.projection.load_state_dict(state["projection"])
+    loss_fn.load_state_dict(state["loss"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    if world > 1:  # every rank's file must hold the same step
+        steps = torch.tensor([state["step"], -state["step"]])
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
+        if steps[0] != -steps[1]:
+            raise ValueError(f"the ranks' checkpoints hold different steps ({-int(steps[1])} to {int(steps[0])}); "
+                             f"an interrupted save? restore one step's files in {path.parent}")
+    return state["step"]
 
 
 def _append_metrics(path: Path, record: dict) -> None:
@@ -170,81 +266,129 @@ def _append_metrics(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _agree(flags: list[bool], world: int) -> list[bool]:
+    """Each flag OR-ed over the ranks, so that every rank stops at the same step."""
+    if world == 1:
+        return flags
+    tensor = torch.tensor(flags, dtype=torch.int32)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(flag) for flag in tensor]
+
+
+class _Indexed(torch.utils.data.Dataset):
+    """``dataset``'s (image, label) plus the item's index, for the teacher feature lookup."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        return *self.dataset[item], item[0]
+
+
 def train(config: TrainConfig, progress: bool = True) -> dict:
     """Train (or resume) the run in ``config.run_dir``; returns the evaluation of the untrained and
-    the trained network. Ctrl-C saves a checkpoint; a non-finite loss stops with an error naming
-    the step and leaves the last checkpoint as it was."""
+    the trained network (on rank 0; other ranks return ``{}``). Ctrl-C saves a checkpoint; a
+    non-finite loss stops with an error naming the step and leaves the last checkpoint as it was.
+
+    Under ``torchrun`` the backbone runs under DistributedDataParallel, ``--batch-size`` is per rank,
+    PartialFCLoss shards the class centers, and every rank keeps its own checkpoint file.
+    """
     from tqdm import tqdm
 
+    rank, world, device = _start_distributed()
+    lead = rank == 0
+    progress = progress and lead
     run = Path(config.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if lead:
+        (run / "config.json").write_text(json.dumps(asdict(config), indent=2))
     torch.manual_seed(config.seed)
-    model = DocumentEmbedder(config.backbone, config.embedding_size, config.image_size, config.head_norm,
-                             config.weights).to(device)
+    data, data_identity = training_data(config)
+    teacher_bank, teacher_dim = _teacher(config, data, data_identity, device, progress)
+    embedder = DocumentEmbedder(config.backbone, config.embedding_size, config.image_size, config.head_norm,
+                                config.weights)
+    student = Student(embedder, teacher_dim).to(device)
+    if config.channels_last:
+        student = student.to(memory_format=torch.channels_last)
     margin_args = {"s": config.scale} | ({"m": config.margin_m} if config.margin in ("cosface", "arcface") else {})
-    data = training_data(config)
     loss_fn = PartialFCLoss(config.embedding_size, data.num_classes, create_margin(config.margin, **margin_args),
                             sample_rate=config.sample_rate, backend=config.backend, seed=config.seed).to(device)
     optimizer = torch.optim.AdamW([
-        {"params": model.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
+        {"params": student.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
         {"params": loss_fn.parameters(), "lr": config.center_lr, "weight_decay": 0.0},
     ])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(config))
-    checkpoint, start = run / "checkpoint.pt", 0
+    checkpoint, start = run / ("checkpoint.pt" if world == 1 else f"checkpoint-rank{rank}.pt"), 0
     untrained_path = run / "eval_untrained.json"
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
-        model.load_state_dict(state["model"])
-        loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        start = state["step"]
-    else:
-        untrained_path.write_text(json.dumps(evaluate(model, config, device)))
+        start = _load_checkpoint(checkpoint, student, loss_fn, optimizer, scheduler, world)
+    elif lead:
+        untrained_path.write_text(json.dumps(evaluate(embedder, config, device)))
+    network = nn.parallel.DistributedDataParallel(student) if world > 1 else student
+    if config.compile:
+        network = torch.compile(network)
 
-    schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, config.steps)
-    loader = torch.utils.data.DataLoader(data, batch_sampler=schedule, num_workers=config.workers)
+    schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, config.steps, rank, world)
+    loader = torch.utils.data.DataLoader(_Indexed(data), batch_sampler=schedule, num_workers=_workers(config),
+                                         pin_memory=device.type == "cuda", persistent_workers=False)
+    distill = DISTILL_LOSSES.get(config.distill_loss)
     step = start
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train")
     interrupted = _StopOnInterrupt()
     last = time.perf_counter()
     try:
-        model.train()  # the evaluations before and after the loop switch it to eval mode
-        for images, labels in loader:
+        student.train()  # the evaluations before and after the loop switch it to eval mode
+        for images, labels, items in loader:
+            images = images.to(device, non_blocking=True)
+            if config.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                embeddings = model(images.to(device))
+                embeddings, projections = network(images)
             loss = loss_fn(embeddings.float(), labels.to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {loss.item()} at step {step}; stopped without saving, "
-                                         f"the last checkpoint ({checkpoint}) is as it was")
+            record = {"pfc_loss": loss.item()}
+            if projections is not None:
+                targets = torch.from_numpy(teacher_bank[items.numpy()]).to(device).float()
+                distill_loss = distill(projections, targets)
+                loss = loss + config.distill_weight * distill_loss
+                record |= {"distill_loss": distill_loss.item(),
+                           "teacher_cos": torch.cosine_similarity(projections.float(), targets).mean().item()}
+            non_finite, stop = _agree([not torch.isfinite(loss).item(), interrupted.requested], world)
+            if non_finite:
+                raise FloatingPointError(f"the loss is not finite at step {step} ({record}); stopped without "
+                                         f"saving, the last checkpoint ({checkpoint}) is as it was")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.clip_grad)
+            torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
             optimizer.step()
             scheduler.step()
             step += 1
             now = time.perf_counter()
-            rate = len(labels) / (now - last)  # wall clock, data loading included
+            rate = world * len(labels) / (now - last)  # wall clock, data loading included
             last = now
-            _append_metrics(run / "metrics.jsonl", {"step": step, "loss": loss.item(),
-                                                    "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
+            if lead:
+                _append_metrics(run / "metrics.jsonl", {"step": step, "loss": loss.item(), **record,
+                                                        "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
-            stop = interrupted.requested
             if step % config.checkpoint_every == 0 or stop:
-                save_checkpoint(checkpoint, step, model, loss_fn, optimizer, scheduler)
+                save_checkpoint(checkpoint, step, student, loss_fn, optimizer, scheduler)
             if stop:
                 raise KeyboardInterrupt(f"interrupted: step {step} saved to {checkpoint}; run again to resume")
     finally:
         bar.close()
         interrupted.restore()
-    save_checkpoint(checkpoint, step, model, loss_fn, optimizer, scheduler)
-    results = {"untrained": json.loads(untrained_path.read_text()), "trained": evaluate(model, config, device)}
+    save_checkpoint(checkpoint, step, student, loss_fn, optimizer, scheduler)
+    if not lead:
+        dist.barrier()
+        return {}
+    results = {"untrained": json.loads(untrained_path.read_text()), "trained": evaluate(embedder, config, device)}
     (run / "eval.json").write_text(json.dumps(results, indent=2))
     _plot(run, results)
+    if world > 1:
+        dist.barrier()
     return results
 
 

@@ -134,3 +134,33 @@ def registration_accuracy(
         "num_registered_queries": int(registered.sum()),
         "num_unregistered_queries": int((~registered).sum()),
     }
+
+
+def registration_split(queries) -> tuple:
+    """(queries, gallery, registered classes) of a labelled dataset: the first image of each of the
+    first half of the classes is registered; the other half of the classes must be rejected."""
+    first = {}
+    for item, label in enumerate(queries.labels):
+        first.setdefault(label, item)
+    registered = sorted(first)[:len(first) // 2]
+    return queries, torch.utils.data.Subset(queries, [first[c] for c in registered]), registered
+
+
+def evaluate_embedder(embed, queries, gallery, registered: list[int], batch_size: int = 128) -> dict:
+    """Verification report over all pairs of ``queries`` and registration accuracy of them against
+    ``gallery`` (the examples of the ``registered`` classes) at the FPR=1e-4 threshold.
+
+    ``embed`` maps images [B, 3, S, S] to unit embeddings [B, D]; the datasets give (image, label).
+    Returns a JSON-ready dict: ``verification``, ``registration`` (with its ``threshold``), ``roc``.
+    """
+    def embed_all(dataset) -> torch.Tensor:
+        loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+        return torch.cat([embed(images).float() for images, _ in loader])
+
+    labels = torch.tensor(queries.labels)
+    embeddings = embed_all(queries)
+    report = verification_report(embeddings, labels)
+    threshold = report.at(1e-4).threshold
+    registration = registration_accuracy(embed_all(gallery), torch.tensor(registered), embeddings, labels, threshold)
+    return {"verification": report.as_dict(), "registration": {**registration, "threshold": threshold},
+            "roc": {"fpr": report.roc_fpr.tolist(), "tpr": report.roc_tpr.tolist()}}

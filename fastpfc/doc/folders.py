@@ -17,13 +17,12 @@ import hashlib
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from .images import IMAGE_EXTENSIONS, read_image, to_tensor
 from .synthetic import capture
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 LAYOUTS = ("per_image", "subfolders")
 
 
@@ -98,16 +97,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         item, draw = item if isinstance(item, tuple) else (item, None)
-        path = self.root / self.paths[item]
-        try:
-            with Image.open(path) as image:
-                image = image.convert("RGB")
-        except (OSError, UnidentifiedImageError) as error:
-            raise ValueError(f"cannot read image {path}: {error}") from error
+        image = read_image(self.root / self.paths[item])
         if self.augment and draw is not None:
             image.thumbnail((4 * self.size, 4 * self.size))  # capture() needs no more pixels than this
             image = capture(image, seed=(item * 7919 + draw) * 31 + 17, size=self.size)
         else:
             image = image.resize((self.size, self.size), Image.BILINEAR)
-        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-        return array.permute(2, 0, 1).float().div_(255.0), self.labels[item]
+        return to_tensor(image), self.labels[item]
+

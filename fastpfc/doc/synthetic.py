@@ -14,6 +14,7 @@ type ids come from disjoint ranges (:data:`EVAL_TYPE_OFFSET`).
 
 from __future__ import annotations
 
+import colorsys
 import io
 import math
 import random
@@ -22,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
+
+from .images import to_tensor
 
 KINDS = ("id_card", "bank_card", "form", "receipt", "certificate")
 ASPECT = {"id_card": 1.586, "bank_card": 1.586, "form": 0.707, "receipt": 0.4, "certificate": 1.414}
@@ -37,6 +40,10 @@ _LABELS = ("NAME", "DATE", "NO.", "ADDRESS", "EXPIRES", "ISSUED", "CLASS", "SEX"
 def _colour(rng: random.Random, light: bool) -> tuple[int, int, int]:
     low, high = (170, 255) if light else (20, 140)
     return tuple(rng.randint(low, high) for _ in range(3))
+
+
+def _hsv(hue: float, saturation: float, value: float) -> tuple[int, int, int]:
+    return tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
 
 
 @dataclass(frozen=True)
@@ -55,7 +62,7 @@ class DocumentType:
     @classmethod
     def from_id(cls, type_id: int, base_width: int = 320) -> DocumentType:
         family, member = divmod(type_id, FAMILY_SIZE * GENERATIONS)
-        generation, _ = divmod(member, FAMILY_SIZE)
+        generation, issuer = divmod(member, FAMILY_SIZE)
         layout_rng = random.Random(f"layout-{family}")  # shared by the whole family
         style_rng = random.Random(f"style-{type_id}")  # this member's colours and issuer
         kind = layout_rng.choice(KINDS)
@@ -79,10 +86,15 @@ class DocumentType:
         if generation == 1:  # the newer format: header grows, photo swaps sides, barcode toggles
             layout = {**layout, "header": layout["header"] * 1.3, "photo_left": not layout["photo_left"],
                       "barcode": not layout["barcode"]}
+        # Each issuer of a family gets its own third of the hue circle (both generations of an
+        # issuer share it): look-alikes, but told apart by colour even at 128 px, where the
+        # issuer's name is not legible. Independent colour draws made some members identical.
+        hue = layout_rng.random() + issuer / FAMILY_SIZE + style_rng.uniform(-0.06, 0.06)
         style = {
-            "background": _colour(style_rng, light=True),
+            "background": _hsv(hue + style_rng.uniform(-0.05, 0.05), style_rng.uniform(0.1, 0.3),
+                               style_rng.uniform(0.88, 1.0)),
             "ink": _colour(style_rng, light=False),
-            "band": _colour(style_rng, light=False),
+            "band": _hsv(hue, style_rng.uniform(0.5, 0.9), style_rng.uniform(0.35, 0.7)),
             "accent": _colour(style_rng, light=False),
             "title": " ".join(style_rng.sample(_WORDS, 2)),
         }
@@ -194,6 +206,40 @@ def capture(image: Image.Image, seed: int, size: int = 128) -> Image.Image:
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
+def with_glare(image: Image.Image, seed: int) -> Image.Image:
+    """A sub-label variant: a large blown-out glare patch over part of the document."""
+    rng = random.Random(f"glare-{seed}")
+    w, h = image.size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    cx, cy, r = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h, rng.uniform(0.25, 0.35) * max(w, h)
+    light = 1.6 * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * r * r))[..., None]
+    pixels = np.asarray(image, dtype=np.float32)
+    return Image.fromarray(np.clip(pixels + light * (255 - pixels), 0, 255).astype(np.uint8))
+
+
+def damaged(image: Image.Image, seed: int) -> Image.Image:
+    """A sub-label variant: a torn-off corner, a stain and creases."""
+    rng = random.Random(f"damage-{seed}")
+    image = image.copy()
+    w, h = image.size
+    draw = ImageDraw.Draw(image, "RGBA")
+    corner = rng.choice(((0, 0), (w, 0), (w, h), (0, h)))
+    tear = [corner, (abs(corner[0] - rng.uniform(0.25, 0.4) * w), corner[1]),
+            (abs(corner[0] - rng.uniform(0.05, 0.15) * w), abs(corner[1] - rng.uniform(0.1, 0.2) * h)),
+            (corner[0], abs(corner[1] - rng.uniform(0.3, 0.5) * h))]
+    draw.polygon(tear, fill=(40, 40, 40, 255))
+    cx, cy, r = rng.uniform(0.2, 0.8) * w, rng.uniform(0.2, 0.8) * h, rng.uniform(0.1, 0.2) * min(w, h)
+    draw.ellipse((cx - r, cy - 0.8 * r, cx + r, cy + 0.8 * r), fill=(120, 80, 30, 110))
+    for _ in range(2):
+        x = rng.uniform(0.2, 0.8) * w
+        draw.line((x, 0, x + rng.uniform(-0.1, 0.1) * w, h), fill=(90, 90, 90, 160), width=2)
+    return image
+
+
+#: Sub-label variants of a rendered document, by name (applied before :func:`capture`).
+VARIANTS = {"glare": with_glare, "damaged": damaged}
+
+
 def _expand(corners: list[tuple[float, float]], margin: float) -> tuple[float, ...]:
     """Quad corners (upper-left, lower-left, lower-right, upper-right for PIL) grown by ``margin``."""
     cx = sum(x for x, _ in corners) / 4
@@ -241,5 +287,4 @@ class SyntheticDocuments(torch.utils.data.Dataset):
         else:
             seed = ((doc_type.type_id * 1_000_003 + instance) * 7919 + draw) * 31 + self.seed
             image = capture(image, seed=seed, size=self.size)
-        array = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
-        return array.permute(2, 0, 1).float().div_(255.0), label
+        return to_tensor(image), label

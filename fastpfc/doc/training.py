@@ -20,7 +20,7 @@ from torch import nn
 from fastpfc import PartialFCLoss, create_margin
 
 from .distill import DISTILL_LOSSES, ClipTeacher, teacher_features
-from .evaluation import registration_accuracy, verification_report
+from .evaluation import evaluate_embedder, registration_split
 from .folders import ImageFolderDataset
 from .model import DocumentEmbedder
 from .synthetic import SyntheticDocuments
@@ -115,12 +115,6 @@ class BatchSchedule:
             yield [(int(i), epoch) for i in order[first:first + self.batch_size]]
 
 
-def embed_dataset(model: DocumentEmbedder, dataset, device: torch.device, batch_size: int = 128) -> torch.Tensor:
-    model.eval()
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    return torch.cat([model.embed(images.to(device)).cpu() for images, _ in loader])
-
-
 LISTING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastpfc"
 
 
@@ -140,11 +134,7 @@ def evaluation_data(config: TrainConfig):
     the other half must be rejected."""
     if config.eval_data is not None:
         queries = ImageFolderDataset(config.eval_data, "subfolders", config.image_size, LISTING_CACHE)
-        first = {}
-        for item, label in enumerate(queries.labels):
-            first.setdefault(label, item)
-        registered = list(range(queries.num_classes // 2))
-        return queries, torch.utils.data.Subset(queries, [first[c] for c in registered]), registered
+        return registration_split(queries)
     queries = SyntheticDocuments(config.eval_types, config.eval_per_type, "eval", config.image_size, config.seed)
     clean = SyntheticDocuments(config.eval_types, 1, "eval", config.image_size, config.seed, clean=True)
     registered = list(range(config.eval_types // 2))
@@ -152,17 +142,10 @@ def evaluation_data(config: TrainConfig):
 
 
 def evaluate(model: DocumentEmbedder, config: TrainConfig, device: torch.device) -> dict:
-    """TPR@FPR over all pairs of the evaluation images (unseen classes), and registration accuracy
-    of all of them as queries at the FPR=1e-4 threshold (see :func:`evaluation_data`)."""
-    queries, gallery_data, registered = evaluation_data(config)
-    labels = torch.tensor(queries.labels)
-    embeddings = embed_dataset(model, queries, device)
-    report = verification_report(embeddings, labels)
-    gallery = embed_dataset(model, gallery_data, device)
-    threshold = report.at(1e-4).threshold
-    registration = registration_accuracy(gallery, torch.tensor(registered), embeddings, labels, threshold)
-    return {"verification": report.as_dict(), "registration": {**registration, "threshold": threshold},
-            "roc": {"fpr": report.roc_fpr.tolist(), "tpr": report.roc_tpr.tolist()}}
+    """TPR@FPR over all pairs of the evaluation images (unseen classes) and registration accuracy
+    at the FPR=1e-4 threshold (see :func:`evaluation_data`)."""
+    model.eval()
+    return evaluate_embedder(lambda images: model.embed(images.to(device)).cpu(), *evaluation_data(config))
 
 
 def _rng_state() -> dict:
@@ -230,9 +213,12 @@ def _teacher(config: TrainConfig, data, data_identity: dict, device: torch.devic
     return features, teacher.dim
 
 
-def save_checkpoint(path: Path, step: int, student: Student, loss_fn, optimizer, scheduler) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
-    state = {"step": step, "model": student.embedder.state_dict(), "loss": loss_fn.state_dict(),
+def save_checkpoint(path: Path, step: int, config: TrainConfig, student: Student, loss_fn, optimizer,
+                    scheduler) -> None:
+    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. The
+    config travels with it, so ``fastpfc.doc.embedders.CheckpointEmbedder`` can rebuild the model."""
+    state = {"step": step, "config": asdict(config), "model": student.embedder.state_dict(),
+             "loss": loss_fn.state_dict(),
              "projection": student.projection.state_dict() if student.projection is not None else None,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
     partial = path.with_suffix(".tmp")
@@ -374,13 +360,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
             if step % config.checkpoint_every == 0 or stop:
-                save_checkpoint(checkpoint, step, student, loss_fn, optimizer, scheduler)
+                save_checkpoint(checkpoint, step, config, student, loss_fn, optimizer, scheduler)
             if stop:
                 raise KeyboardInterrupt(f"interrupted: step {step} saved to {checkpoint}; run again to resume")
     finally:
         bar.close()
         interrupted.restore()
-    save_checkpoint(checkpoint, step, student, loss_fn, optimizer, scheduler)
+    save_checkpoint(checkpoint, step, config, student, loss_fn, optimizer, scheduler)
     if not lead:
         dist.barrier()
         return {}

@@ -1,0 +1,221 @@
+"""``fastpfc-doc``: register documents by example, classify, export to ONNX, evaluate.
+
+    fastpfc-doc synth demo/                                        # synthetic folders (no download)
+    fastpfc-doc register -m runs/default/checkpoint.pt -r reg.npz demo/register
+    fastpfc-doc classify -m runs/default/checkpoint.pt -r reg.npz --fpr 1e-4 --labelled demo/queries
+    fastpfc-doc register -m runs/default/checkpoint.pt -r reg.npz demo/new   # a new type, no retraining
+    fastpfc-doc export -m runs/default/checkpoint.pt -o model.onnx
+    fastpfc-doc eval -m model.onnx some/folder/of/class/sub-folders
+
+``--model`` is a ``train.py`` checkpoint (its run's eval.json gives the ``--fpr`` thresholds) or an
+exported ``.onnx`` file; a registry remembers which model built it and refuses any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .images import IMAGE_EXTENSIONS
+from .registry import UNKNOWN, Match, Registry
+
+
+def _image_files(inputs: list[str]) -> list[tuple[Path, Path | None]]:
+    """(image, the folder given on the command line, if any) for files and folders (recursively)."""
+    found = []
+    for name in inputs:
+        path = Path(name)
+        if path.is_dir():
+            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+            if not images:
+                raise ValueError(f"no images found under {path}")
+            found += [(image, path) for image in images]
+        elif path.is_file():
+            found.append((path, None))
+        else:
+            raise FileNotFoundError(f"{path} does not exist")
+    return found
+
+
+def _open_registry(args, create: bool = False) -> Registry:
+    from .embedders import load_embedder
+
+    embedder = load_embedder(args.model)
+    if Path(args.registry).exists():
+        return Registry.load(args.registry, embedder)
+    if not create:
+        raise FileNotFoundError(f"registry {args.registry} does not exist; create it with `fastpfc-doc register`")
+    return Registry(embedder, args.index)
+
+
+def register(args) -> int:
+    registry = _open_registry(args, create=True)
+    report = registry.add_folder(args.folder, progress=not args.quiet)
+    registry.save(args.registry)
+    for skipped, kept in report.duplicates:
+        print(f"duplicate: {skipped} is the same file as {kept} (skipped)")
+    for refused, label, other in report.conflicts:
+        print(f"conflict: {refused} ({label}) is the same file as an example of {other}; not registered")
+    print(f"registered {len(report.added)} images; the registry holds {len(registry)} examples of "
+          f"{len(registry.labels)} labels")
+    return 1 if report.conflicts else 0
+
+
+def remove(args) -> int:
+    registry = _open_registry(args)
+    removed = registry.remove(args.type, args.sub_label)
+    registry.save(args.registry)
+    print(f"removed {removed} examples; the registry holds {len(registry)} examples")
+    return 0
+
+
+def _truth(image: Path, folder: Path | None) -> tuple[str, str | None]:
+    parts = image.relative_to(folder).parts if folder is not None else ()
+    if len(parts) < 2:
+        raise ValueError(f"--labelled needs <folder>/<type>/[<sub-label>/]image, got {image}")
+    return parts[0], parts[1] if len(parts) == 3 else None
+
+
+def summarize(matches: list[Match], truths: list[tuple[str, str | None]], registry: Registry) -> dict:
+    """Accuracy on queries of registered types (type; and sub-label where the truth has a registered
+    one), and the rejection rate of queries of unregistered types."""
+    types = {e.type for e in registry.entries.values()}
+    subs = {(e.type, e.sub_label) for e in registry.entries.values() if e.sub_label}
+    known = [(m, t) for m, t in zip(matches, truths, strict=True) if t[0] in types]
+    unknown = [m for m, t in zip(matches, truths, strict=True) if t[0] not in types]
+    with_sub = [(m, t) for m, t in known if t in subs]
+    without_sub = [(m, t) for m, t in known if t[1] is None]
+
+    def rate(hits: int, total: int) -> float | None:
+        return hits / total if total else None
+
+    return {
+        "queries": len(matches),
+        "type_accuracy": rate(sum(m.type == t[0] for m, t in known), len(known)),
+        "sub_label_accuracy": rate(sum((m.type, m.sub_label) == t for m, t in with_sub), len(with_sub)),
+        "parent_accuracy_of_sub_label_queries": rate(sum(m.type == t[0] for m, t in with_sub), len(with_sub)),
+        "no_sub_label_reported_for_plain_queries": rate(sum(m.sub_label is None for m, _ in without_sub),
+                                                        len(without_sub)),
+        "rejection_rate": rate(sum(m.type == UNKNOWN for m in unknown), len(unknown)),
+        "num_registered_type_queries": len(known), "num_unregistered_type_queries": len(unknown),
+    }
+
+
+def classify(args) -> int:
+    registry = _open_registry(args)
+    threshold = args.threshold if args.threshold is not None else registry.threshold_at(args.fpr)
+    files = _image_files(args.inputs)
+    matches = registry.classify([f for f, _ in files], threshold, args.sub_threshold, progress=not args.quiet)
+    rows = [{"image": str(f), "type": m.type, "sub_label": m.sub_label, "score": round(m.score, 4),
+             "example": m.source} for (f, _), m in zip(files, matches, strict=True)]
+    summary = summarize(matches, [_truth(f, d) for f, d in files], registry) if args.labelled else None
+    if args.json:
+        print(json.dumps({"threshold": threshold, "results": rows} | ({"summary": summary} if summary else {}),
+                         indent=2))
+        return 0
+    if not args.labelled or args.verbose:
+        width = max(len(r["image"]) for r in rows)
+        for r in rows:
+            label = r["type"] + (f"/{r['sub_label']}" if r["sub_label"] else "")
+            print(f"{r['image']:<{width}}  {label:<32} {r['score']:.3f}")
+    if summary:
+        print(f"threshold {threshold:.4f}" + (f" (FPR={args.fpr})" if args.threshold is None else ""))
+        for key, value in summary.items():
+            print(f"{key:>40}: {value if value is None or isinstance(value, int) else f'{value:.3f}'}")
+    return 0
+
+
+def export(args) -> int:
+    from .embedders import CheckpointEmbedder, export_onnx
+
+    difference = export_onnx(CheckpointEmbedder(args.model), args.output, args.opset)
+    check = "onnxruntime not installed, not verified" if difference is None else (
+        f"max |onnxruntime - PyTorch| = {difference:.2e}")
+    print(f"wrote {args.output} ({check})")
+    return 0 if difference is None or difference < 1e-4 else 1
+
+
+def evaluate(args) -> int:
+    from .embedders import load_embedder
+    from .evaluation import evaluate_embedder, registration_split
+    from .folders import ImageFolderDataset
+
+    embedder = load_embedder(args.model)
+    data = ImageFolderDataset(args.folder, "subfolders", embedder.image_size)
+    result = evaluate_embedder(embedder, *registration_split(data))
+    del result["roc"]
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def synth(args) -> int:
+    from .demo import write_demo
+
+    names = write_demo(args.output, args.types, args.captures, args.seed, sub_labels=args.sub_labels,
+                       progress=not args.quiet)
+    print(f"wrote {len(names)} synthetic types to {args.output}: register/ ({len(names) // 2} types), "
+          f"new/ ({len(names) - len(names) // 2} types), queries/ ({args.captures} captures each)")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    main = argparse.ArgumentParser(prog="fastpfc-doc", description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    main.add_argument("--quiet", action="store_true", help="no progress bars")
+    commands = main.add_subparsers(dest="command", required=True)
+
+    def command(name: str, function, help: str, registry: bool = True) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help,
+                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        sub.set_defaults(function=function)
+        sub.add_argument("-m", "--model", required=name != "synth", help="train.py checkpoint or exported .onnx")
+        if registry:
+            sub.add_argument("-r", "--registry", required=True, help="registry file (.npz)")
+        return sub
+
+    sub = command("register", register, "register the images of a folder: <type>/[<sub-label>/]image")
+    sub.add_argument("folder")
+    sub.add_argument("--index", default="flat", choices=("flat", "ivf", "hnsw"),
+                     help="faiss index of a new registry: exact, or approximate for 100k+ examples")
+    sub = command("remove", remove, "remove a type (with its sub-labels) or one sub-label")
+    sub.add_argument("type")
+    sub.add_argument("--sub-label")
+    sub = command("classify", classify, "classify images (files or folders)")
+    sub.add_argument("inputs", nargs="+")
+    sub.add_argument("--threshold", type=float, help="reject at or below this cosine score")
+    sub.add_argument("--fpr", type=float, default=1e-4, help="without --threshold: the model's threshold at this FPR")
+    sub.add_argument("--sub-threshold", type=float, help="report a sub-label only above this score (default: "
+                                                         "the threshold)")
+    sub.add_argument("--labelled", action="store_true", help="inputs are <folder>/<type>/[<sub-label>/]image: "
+                                                             "print accuracy and the rejection of unregistered types")
+    sub.add_argument("--json", action="store_true", help="JSON output")
+    sub.add_argument("--verbose", action="store_true", help="with --labelled, also print every image")
+    sub = command("export", export, "export a checkpoint to ONNX (normalised embedding, dynamic batch)",
+                  registry=False)
+    sub.add_argument("-o", "--output", required=True)
+    sub.add_argument("--opset", type=int, default=18)
+    sub = command("eval", evaluate, "TPR@FPR and registration accuracy on a folder of class sub-folders",
+                  registry=False)
+    sub.add_argument("folder")
+    sub = command("synth", synth, "write synthetic register/, new/ and queries/ folders", registry=False)
+    sub.add_argument("output")
+    sub.add_argument("--types", type=int, default=100)
+    sub.add_argument("--captures", type=int, default=8)
+    sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--sub-labels", action="store_true", help="also glare, damaged and generation-2 sub-labels")
+    return main
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.function(args)
+    except (ValueError, FileNotFoundError, KeyError, ImportError) as error:
+        print(f"fastpfc-doc {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

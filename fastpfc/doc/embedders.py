@@ -1,0 +1,174 @@
+"""Trained document embedders for inference: a ``train.py`` checkpoint or its ONNX export.
+
+Both kinds are callables ``images [B, 3, S, S] float in [0, 1] -> [B, D] float32 unit rows`` with
+the same attributes: ``image_size`` (S), ``dim`` (D), ``model_id`` (a digest of the weights, equal
+for a checkpoint and its export, so a registry built with one is usable with the other) and
+``operating_points`` (``{target FPR: threshold}`` from the run's evaluation, when known).
+:func:`load_embedder` picks the kind by file suffix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .images import load_image
+from .model import DocumentEmbedder
+
+_META_PREFIX = "fastpfc."
+
+
+def model_identity(model: nn.Module) -> str:
+    """A digest of every parameter and buffer of ``model`` (names and bytes)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def _operating_points(eval_json: Path) -> dict[float, float]:
+    """``{target FPR: threshold}`` of the trained network in a ``train.py`` eval.json ({} if absent)."""
+    if not eval_json.exists():
+        return {}
+    points = json.loads(eval_json.read_text())["trained"]["verification"]["points"]
+    return {p["target_fpr"]: p["threshold"] for p in points if p["reliable"]}
+
+
+class CheckpointEmbedder:
+    """The :class:`DocumentEmbedder` of a ``train.py`` checkpoint (config read from the checkpoint,
+    or from ``config.json`` beside it); thresholds from ``eval.json`` beside it."""
+
+    def __init__(self, path: str | Path, device: str | torch.device | None = None) -> None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"checkpoint {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or "model" not in state:
+            raise ValueError(f"{path} is not a train.py checkpoint (no 'model' entry)")
+        config = state.get("config")
+        if config is None:
+            if not (path.parent / "config.json").exists():
+                raise ValueError(f"{path} holds no config and there is no config.json beside it")
+            config = json.loads((path.parent / "config.json").read_text())
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = DocumentEmbedder(config["backbone"], config["embedding_size"], config["image_size"],
+                                      config["head_norm"])
+        self.model.load_state_dict(state["model"])
+        self.model.to(self.device).eval()
+        self.image_size, self.dim = config["image_size"], config["embedding_size"]
+        self.model_id = model_identity(self.model)
+        self.operating_points = _operating_points(path.parent / "eval.json")
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(images.to(self.device)).cpu()
+
+
+class OnnxEmbedder:
+    """An ONNX export of :func:`export_onnx`, run with onnxruntime (CUDA when it has it)."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise ImportError("running an ONNX model needs onnxruntime: pip install onnxruntime") from error
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"ONNX model {path} does not exist")
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                     if p in onnxruntime.get_available_providers()]
+        self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if _META_PREFIX + "model_id" not in meta:
+            raise ValueError(f"{path} was not exported by fastpfc (no {_META_PREFIX}model_id metadata)")
+        self.model_id = meta[_META_PREFIX + "model_id"]
+        self.image_size = int(meta[_META_PREFIX + "image_size"])
+        self.dim = int(meta[_META_PREFIX + "dim"])
+        self.operating_points = {float(k): v for k, v in json.loads(meta[_META_PREFIX + "operating_points"]).items()}
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input_name: images.float().numpy()})[0])
+
+
+#: Embedder kinds by file suffix; anything else is taken for a checkpoint.
+EMBEDDERS = {".onnx": OnnxEmbedder}
+
+
+def load_embedder(path: str | Path):
+    """A :class:`CheckpointEmbedder` or :class:`OnnxEmbedder`, by ``path``'s suffix."""
+    return EMBEDDERS.get(Path(path).suffix.lower(), CheckpointEmbedder)(path)
+
+
+class _Normalized(nn.Module):
+    def __init__(self, model: DocumentEmbedder) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.model(images), dim=1)
+
+
+def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18) -> float | None:
+    """Write ``embedder`` as ONNX: input ``images [batch, 3, S, S]`` (dynamic batch), output the
+    L2-normalised embedding ``[batch, D]``, with the model identity and thresholds as metadata.
+
+    Returns the largest absolute difference from PyTorch on a random batch of 3 when onnxruntime
+    is installed (``None`` otherwise). Written under a temporary name, then renamed.
+    """
+    import onnx
+
+    if opset < 17:
+        raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}")
+    path = Path(path)
+    model = _Normalized(embedder.model).cpu().eval()
+    example = torch.rand(2, 3, embedder.image_size, embedder.image_size, generator=torch.Generator().manual_seed(0))
+    partial = path.with_name(path.name + ".partial")
+    torch.onnx.export(model, (example,), str(partial), input_names=["images"], output_names=["embeddings"],
+                      opset_version=opset, dynamo=True, external_data=False,
+                      dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+    proto = onnx.load(str(partial))
+    metadata = {"model_id": embedder.model_id, "image_size": embedder.image_size, "dim": embedder.dim,
+                "operating_points": json.dumps(embedder.operating_points)}
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = _META_PREFIX + key, str(value)
+    onnx.save(proto, str(partial))
+    os.replace(partial, path)
+    embedder.model.to(embedder.device)
+    try:
+        exported = OnnxEmbedder(path)
+    except ImportError:
+        return None
+    images = torch.rand(3, 3, embedder.image_size, embedder.image_size, generator=torch.Generator().manual_seed(1))
+    return float((exported(images) - embedder(images)).abs().max())
+
+
+class _PathImages(torch.utils.data.Dataset):
+    def __init__(self, paths: list[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: int) -> torch.Tensor:
+        return load_image(self.paths[item], self.size)
+
+
+def embed_paths(embedder, paths: list[Path], batch_size: int = 64, progress: bool = False,
+                workers: int = 0) -> np.ndarray:
+    """Unit embeddings ``[len(paths), D]`` float32 of the image files ``paths``."""
+    from tqdm import tqdm
+
+    if not paths:
+        return np.zeros((0, embedder.dim), dtype=np.float32)
+    loader = torch.utils.data.DataLoader(_PathImages(list(paths), embedder.image_size), batch_size=batch_size,
+                                         num_workers=workers)
+    batches = [embedder(images).numpy() for images in tqdm(loader, desc="embed", disable=not progress)]
+    return np.concatenate(batches).astype(np.float32)

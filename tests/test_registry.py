@@ -1,0 +1,151 @@
+"""The document registry: folders to labels, faiss search, incremental updates, duplicates, sub-labels."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("faiss")
+
+from fastpfc.doc.registry import INDEXES, UNKNOWN, Registry, labelled_images  # noqa: E402
+
+
+class PixelEmbedder:
+    """A deterministic stand-in model: a fixed random projection of the 8x8 pixels, normalised."""
+
+    image_size, dim, model_id = 8, 16, "pixels-v1"
+
+    def __init__(self) -> None:
+        self.projection = torch.randn(3 * 8 * 8, self.dim, generator=torch.Generator().manual_seed(0))
+        self.operating_points = {1e-4: 0.5}
+        self.calls = 0
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        self.calls += len(images)
+        return torch.nn.functional.normalize((images.flatten(1) - 0.5) @ self.projection, dim=1)
+
+
+def _image(path, seed: int, base: np.ndarray | None = None, noise: float = 1.0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    pixels = rng.uniform(0, 255, (8, 8, 3)) if base is None else base + rng.normal(0, noise, (8, 8, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path)
+    return pixels
+
+
+def _tree(root, types: int = 4, per_type: int = 2, first_type: int = 0):
+    """root/type<t>/<n>.png and root/type<t>/glare/0.png, random pixels."""
+    for t in range(first_type, first_type + types):
+        for n in range(per_type):
+            _image(root / f"type{t}" / f"{n}.png", seed=100 * t + n)
+        _image(root / f"type{t}" / "glare" / "0.png", seed=100 * t + 50)
+    return root
+
+
+def test_labels_from_the_folder_layout(tmp_path):
+    root = _tree(tmp_path / "reg", types=2)
+    items = labelled_images(root)
+    assert [(p.relative_to(root).as_posix(), t, s) for p, t, s in items] == [
+        ("type0/0.png", "type0", None), ("type0/1.png", "type0", None), ("type0/glare/0.png", "type0", "glare"),
+        ("type1/0.png", "type1", None), ("type1/1.png", "type1", None), ("type1/glare/0.png", "type1", "glare")]
+    _image(root / "loose.png", seed=1)
+    with pytest.raises(ValueError, match="directly in"):
+        labelled_images(root)
+    (root / "loose.png").unlink()
+    _image(root / "type0" / "glare" / "deeper" / "x.png", seed=2)
+    with pytest.raises(ValueError, match="nested too deep"):
+        labelled_images(root)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        labelled_images(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("index", INDEXES)
+def test_round_trip_and_incremental_updates(tmp_path, index):
+    embedder = PixelEmbedder()
+    registry = Registry(embedder, index)
+    registry.add_folder(_tree(tmp_path / "reg"))
+    assert len(registry) == 12 and registry.labels == sorted(
+        [f"type{t}" for t in range(4)] + [f"type{t}/glare" for t in range(4)])
+    queries = embedder(torch.stack([torch.rand(3, 8, 8) for _ in range(5)])).numpy()
+    before = registry.search(queries, k=3)
+    registry.save(tmp_path / "reg.npz")
+    loaded = Registry.load(tmp_path / "reg.npz", embedder)
+    assert loaded.entries == registry.entries and np.array_equal(loaded.features, registry.features)
+    assert [[(round(s, 5), e) for s, e in row] for row in loaded.search(queries, k=3)] == \
+        [[(round(s, 5), e) for s, e in row] for row in before]
+
+    embedder.calls = 0  # adding one type embeds only its images
+    loaded.add_folder(_tree(tmp_path / "new", types=1, per_type=3, first_type=9))
+    assert embedder.calls == 4 and len(loaded) == 16 and "type9/glare" in loaded.labels
+    assert loaded.remove("type1", "glare") == 1 and "type1/glare" not in loaded.labels and "type1" in loaded.labels
+    assert loaded.remove("type2") == 3 and not any(label.startswith("type2") for label in loaded.labels)
+    hits = loaded.search(embedder(torch.stack([torch.rand(3, 8, 8)])).numpy(), k=len(loaded))[0]
+    assert len(hits) == len(loaded) == 12 and all(e.type != "type2" for _, e in hits)
+    with pytest.raises(KeyError, match="type2 is not registered"):
+        loaded.remove("type2")
+
+
+def test_flat_search_equals_brute_force(tmp_path):
+    embedder = PixelEmbedder()
+    for n in range(60):
+        _image(tmp_path / "reg" / f"type{n % 7}" / f"{n}.png", seed=n)
+    registry = Registry(embedder)
+    registry.add_folder(tmp_path / "reg")
+    queries = embedder(torch.rand(9, 3, 8, 8, generator=torch.Generator().manual_seed(3))).numpy()
+    scores = queries @ registry.features.T
+    for q, hits in enumerate(registry.search(queries, k=5)):
+        expected = np.argsort(-scores[q], kind="stable")[:5]
+        assert [registry.entries[int(registry.ids[i])] for i in expected] == [e for _, e in hits]
+        np.testing.assert_allclose([s for s, _ in hits], scores[q][expected], atol=1e-5)
+
+
+def test_duplicates_are_skipped_and_conflicts_refused_and_reported(tmp_path):
+    root = _tree(tmp_path / "reg", types=2)
+    shutil.copy(root / "type0" / "0.png", root / "type0" / "copy.png")  # same label: duplicate
+    shutil.copy(root / "type0" / "1.png", root / "type1" / "stolen.png")  # other label: conflict
+    registry = Registry(PixelEmbedder())
+    report = registry.add_folder(root)
+    assert [(a.split("/")[-1], b.split("/")[-1]) for a, b in report.duplicates] == [("copy.png", "0.png")]
+    assert [(a.split("/")[-1], label, other) for a, label, other in report.conflicts] == [
+        ("stolen.png", "type1", "type0")]
+    assert len(registry) == len(report.added) == 6
+    again = registry.add_folder(root)  # registering the same folder twice adds nothing
+    assert not again.added and len(again.duplicates) == 7 and len(registry) == 6
+
+
+def test_thresholds_and_sub_labels(tmp_path):
+    embedder = PixelEmbedder()
+    base = _image(tmp_path / "reg" / "form" / "0.png", seed=1)
+    glare = np.clip(base + 90, 0, 255)  # a sub-label: the same document much brighter
+    _image(tmp_path / "reg" / "form" / "glare" / "0.png", seed=2, base=glare)
+    _image(tmp_path / "reg" / "card" / "0.png", seed=3)
+    registry = Registry(embedder)
+    registry.add_folder(tmp_path / "reg")
+    queries = [_image(tmp_path / "q" / "plain.png", seed=4, base=base), _image(tmp_path / "q" / "glare.png", seed=5,
+                                                                             base=glare),
+               _image(tmp_path / "q" / "other.png", seed=6)]
+    paths = [tmp_path / "q" / name for name in ("plain.png", "glare.png", "other.png")]
+    assert len(queries) == 3
+    threshold = registry.threshold_at(1e-4)
+    matches = registry.classify(paths, threshold)
+    assert [(m.type, m.sub_label) for m in matches] == [("form", None), ("form", "glare"), (UNKNOWN, None)]
+    assert matches[1].score > 0.99 and matches[2].score <= threshold
+    strict = registry.classify(paths[1:2], threshold, sub_threshold=1.01)  # sub-label not sure enough: parent only
+    assert (strict[0].type, strict[0].sub_label) == ("form", None)
+    with pytest.raises(ValueError, match="no reliable threshold at FPR=1e-05"):
+        registry.threshold_at(1e-5)
+
+
+def test_a_registry_of_another_model_is_refused(tmp_path):
+    registry = Registry(PixelEmbedder())
+    registry.add_folder(_tree(tmp_path / "reg", types=1))
+    registry.save(tmp_path / "reg.npz")
+    other = PixelEmbedder()
+    other.model_id = "pixels-v2"
+    with pytest.raises(ValueError, match="built with model pixels-v1"):
+        Registry.load(tmp_path / "reg.npz", other)
+    with pytest.raises(ValueError, match="registry is empty"):
+        Registry(other).search(np.zeros((1, 16), np.float32))

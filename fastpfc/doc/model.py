@@ -53,8 +53,9 @@ class DocumentEmbedder(nn.Module):
         config = self.backbone.pretrained_cfg
         self.register_buffer("mean", torch.tensor(config.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(config.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
-        with torch.no_grad():
-            features = self.backbone(torch.zeros(1, 3, image_size, image_size))[-1]
+        with torch.no_grad():  # the feature map's shape, probed in eval mode (BatchNorm of 1x1 maps)
+            features = self.backbone.eval()(torch.zeros(1, 3, image_size, image_size))[-1]
+        self.backbone.train()
         self.head = EmbeddingHead(features.shape[1], tuple(features.shape[2:]), embedding_size, norm=head_norm)
         self.embedding_size = embedding_size
 

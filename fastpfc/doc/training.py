@@ -309,7 +309,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(config))
     checkpoint, start = run / ("checkpoint.pt" if world == 1 else f"checkpoint-rank{rank}.pt"), 0
     untrained_path = run / "eval_untrained.json"
-    if checkpoint.exists():
+    some_have, some_lack = _agree([checkpoint.exists(), not checkpoint.exists()], world)
+    if some_have and some_lack:
+        raise ValueError(f"some ranks find their checkpoint in {run} and others do not; restore the missing "
+                         "checkpoint-rank*.pt files or start a new --run-dir")
+    if some_have:
         start = _load_checkpoint(checkpoint, student, loss_fn, optimizer, scheduler, world)
     elif lead:
         untrained_path.write_text(json.dumps(evaluate(embedder, config, device)))
@@ -319,7 +323,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
     schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, config.steps, rank, world)
     loader = torch.utils.data.DataLoader(_Indexed(data), batch_sampler=schedule, num_workers=_workers(config),
-                                         pin_memory=device.type == "cuda", persistent_workers=False)
+                                         pin_memory=device.type == "cuda")
     distill = DISTILL_LOSSES.get(config.distill_loss)
     step = start
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train")

@@ -53,3 +53,18 @@ def test_dataset_items():
     assert 0.0 <= image.min() and image.max() <= 1.0 and image.std() > 0.02
     clean, _ = SyntheticDocuments(3, 2, size=64, clean=True)[5]
     assert not torch.equal(clean, image)
+
+
+def test_demo_folders_are_the_training_evaluation_set(tmp_path):
+    from fastpfc.doc.demo import type_name, write_demo
+    from fastpfc.doc.images import load_image
+
+    names = write_demo(tmp_path, num_types=4, captures=2)
+    evaluation = SyntheticDocuments(4, 2, "eval", 128, seed=0)
+    assert names == [type_name(t) for t in evaluation.types]
+    assert sorted(p.name for p in (tmp_path / "register").iterdir()) == sorted(names[:2])
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted(names[2:])
+    for item in (0, 3, 7):
+        label, instance = divmod(item, 2)
+        saved = load_image(tmp_path / "queries" / names[label] / f"{instance}.png", 128)
+        assert torch.equal(saved, evaluation[item][0])

@@ -131,7 +131,7 @@ def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18)
     example = torch.rand(2, 3, embedder.image_size, embedder.image_size, generator=torch.Generator().manual_seed(0))
     partial = path.with_name(path.name + ".partial")
     torch.onnx.export(model, (example,), str(partial), input_names=["images"], output_names=["embeddings"],
-                      opset_version=opset, dynamo=True, external_data=False,
+                      opset_version=opset, dynamo=True, external_data=False, verbose=False,
                       dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
     proto = onnx.load(str(partial))
     metadata = {"model_id": embedder.model_id, "image_size": embedder.image_size, "dim": embedder.dim,

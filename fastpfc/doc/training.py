@@ -226,11 +226,12 @@ def save_checkpoint(path: Path, step: int, config: TrainConfig, student: Student
     os.replace(partial, path)
 
 
-def _load_checkpoint(path: Path, student: Student, loss_fn, optimizer, scheduler, world: int) -> int:
+def _load_checkpoint(path: Path, student: Student, loss_fn, optimizer, scheduler, world: int,
+                     device: torch.device) -> int:
     state = torch.load(path, weights_only=False, map_location="cpu")
     student.embedder.load_state_dict(state["model"])
-    if (state["projection"] is None) != (student.projection is None):
-        raise ValueError(f"{path} was {'not ' if state['projection'] is None else ''}trained with distillation; "
+    if (state.get("projection") is None) != (student.projection is None):
+        raise ValueError(f"{path} was {'not ' if student.projection is not None else ''}trained with distillation; "
                          "resume it with the same --clip-model, or start a new --run-dir")
     if student.projection is not None:
         student.projection.load_state_dict(state["projection"])
@@ -239,7 +240,7 @@ def _load_checkpoint(path: Path, student: Student, loss_fn, optimizer, scheduler
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
     if world > 1:  # every rank's file must hold the same step
-        steps = torch.tensor([state["step"], -state["step"]])
+        steps = torch.tensor([state["step"], -state["step"]], device=device)
         dist.all_reduce(steps, op=dist.ReduceOp.MAX)
         if steps[0] != -steps[1]:
             raise ValueError(f"the ranks' checkpoints hold different steps ({-int(steps[1])} to {int(steps[0])}); "
@@ -252,11 +253,11 @@ def _append_metrics(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _agree(flags: list[bool], world: int) -> list[bool]:
-    """Each flag OR-ed over the ranks, so that every rank stops at the same step."""
+def _agree(flags: list[bool], world: int, device: torch.device) -> list[bool]:
+    """Each flag OR-ed over the ranks, so that every rank takes the same decision."""
     if world == 1:
         return flags
-    tensor = torch.tensor(flags, dtype=torch.int32)
+    tensor = torch.tensor(flags, dtype=torch.int32, device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
     return [bool(flag) for flag in tensor]
 
@@ -309,12 +310,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(config))
     checkpoint, start = run / ("checkpoint.pt" if world == 1 else f"checkpoint-rank{rank}.pt"), 0
     untrained_path = run / "eval_untrained.json"
-    some_have, some_lack = _agree([checkpoint.exists(), not checkpoint.exists()], world)
+    some_have, some_lack = _agree([checkpoint.exists(), not checkpoint.exists()], world, device)
     if some_have and some_lack:
         raise ValueError(f"some ranks find their checkpoint in {run} and others do not; restore the missing "
                          "checkpoint-rank*.pt files or start a new --run-dir")
     if some_have:
-        start = _load_checkpoint(checkpoint, student, loss_fn, optimizer, scheduler, world)
+        start = _load_checkpoint(checkpoint, student, loss_fn, optimizer, scheduler, world, device)
     elif lead:
         untrained_path.write_text(json.dumps(evaluate(embedder, config, device)))
     network = nn.parallel.DistributedDataParallel(student) if world > 1 else student
@@ -345,7 +346,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 loss = loss + config.distill_weight * distill_loss
                 record |= {"distill_loss": distill_loss.item(),
                            "teacher_cos": torch.cosine_similarity(projections.float(), targets).mean().item()}
-            non_finite, stop = _agree([not torch.isfinite(loss).item(), interrupted.requested], world)
+            non_finite, stop = _agree([not torch.isfinite(loss).item(), interrupted.requested], world, device)
             if non_finite:
                 raise FloatingPointError(f"the loss is not finite at step {step} ({record}); stopped without "
                                          f"saving, the last checkpoint ({checkpoint}) is as it was")

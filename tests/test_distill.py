@@ -80,12 +80,13 @@ def test_distillation_losses():
 def test_training_with_distillation_pulls_the_student_to_the_teacher(tiny_clip, tmp_path):
     config = TrainConfig(run_dir=str(tmp_path), clip_model=TINY, clip_weights=tiny_clip, image_size=48,
                          embedding_size=16, train_types=8, per_type=4, eval_types=4, eval_per_type=2, steps=30,
-                         batch_size=16, warmup_steps=2, workers=0, lr=3e-3, scale=16.0, margin_m=0.2)
+                         batch_size=16, warmup_steps=2, workers=0, lr=3e-3, scale=16.0, margin_m=0.2,
+                         distill_weight=5.0)
     train(config, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     alignment = [r["teacher_cos"] for r in records]
     assert np.mean(alignment[-5:]) > np.mean(alignment[:5]) + 0.2, alignment
-    assert all(abs(r["loss"] - r["pfc_loss"] - r["distill_loss"]) < 1e-4 for r in records)
+    assert all(abs(r["loss"] - r["pfc_loss"] - 5.0 * r["distill_loss"]) < 1e-4 for r in records)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["projection"]["weight"].shape == (24, 16)
     assert (tmp_path / "teacher.npy").exists() and (tmp_path / "teacher.json").exists()

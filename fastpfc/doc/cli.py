@@ -18,8 +18,8 @@ import json
 import sys
 from pathlib import Path
 
-from .images import IMAGE_EXTENSIONS
-from .registry import UNKNOWN, Match, Registry
+from .folders import list_images
+from .registry import INDEXES, UNKNOWN, Match, Registry
 
 
 def _image_files(inputs: list[str]) -> list[tuple[Path, Path | None]]:
@@ -28,10 +28,7 @@ def _image_files(inputs: list[str]) -> list[tuple[Path, Path | None]]:
     for name in inputs:
         path = Path(name)
         if path.is_dir():
-            images = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-            if not images:
-                raise ValueError(f"no images found under {path}")
-            found += [(image, path) for image in images]
+            found += [(path / image, path) for image in list_images(path)]
         elif path.is_file():
             found.append((path, None))
         else:
@@ -44,10 +41,13 @@ def _open_registry(args, create: bool = False) -> Registry:
 
     embedder = load_embedder(args.model)
     if Path(args.registry).exists():
-        return Registry.load(args.registry, embedder)
+        registry = Registry.load(args.registry, embedder)
+        if getattr(args, "index", None) not in (None, registry.index_kind):
+            raise ValueError(f"{args.registry} uses a {registry.index_kind!r} index, not {args.index!r}")
+        return registry
     if not create:
         raise FileNotFoundError(f"registry {args.registry} does not exist; create it with `fastpfc-doc register`")
-    return Registry(embedder, args.index)
+    return Registry(embedder, args.index or "flat")
 
 
 def register(args) -> int:
@@ -153,7 +153,7 @@ def evaluate(args) -> int:
 def synth(args) -> int:
     from .demo import write_demo
 
-    names = write_demo(args.output, args.types, args.captures, args.seed, sub_labels=args.sub_labels,
+    names = write_demo(args.output, args.types, args.captures, args.seed, args.size, sub_labels=args.sub_labels,
                        progress=not args.quiet)
     print(f"wrote {len(names)} synthetic types to {args.output}: register/ ({len(names) // 2} types), "
           f"new/ ({len(names) - len(names) // 2} types), queries/ ({args.captures} captures each)")
@@ -177,8 +177,9 @@ def parser() -> argparse.ArgumentParser:
 
     sub = command("register", register, "register the images of a folder: <type>/[<sub-label>/]image")
     sub.add_argument("folder")
-    sub.add_argument("--index", default="flat", choices=("flat", "ivf", "hnsw"),
-                     help="faiss index of a new registry: exact, or approximate for 100k+ examples")
+    sub.add_argument("--index", choices=INDEXES,
+                     help="faiss index of a new registry: flat (exact, the default), or ivf / hnsw (approximate, "
+                          "for 100k+ examples)")
     sub = command("remove", remove, "remove a type (with its sub-labels) or one sub-label")
     sub.add_argument("type")
     sub.add_argument("--sub-label")
@@ -204,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--types", type=int, default=100)
     sub.add_argument("--captures", type=int, default=8)
     sub.add_argument("--seed", type=int, default=0)
+    sub.add_argument("--size", type=int, default=128, help="size of the captures (train.py's --image-size)")
     sub.add_argument("--sub-labels", action="store_true", help="also glare, damaged and generation-2 sub-labels")
     return main
 
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.function(args)
-    except (ValueError, FileNotFoundError, KeyError, ImportError) as error:
+    except (ValueError, OSError, KeyError, ImportError, RuntimeError) as error:  # faiss and torch raise RuntimeError
         print(f"fastpfc-doc {args.command}: error: {error}", file=sys.stderr)
         return 2
 

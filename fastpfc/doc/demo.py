@@ -51,9 +51,10 @@ def write_demo(root: str | Path, num_types: int = 100, captures: int = 8, seed: 
                sub_labels: bool = False, progress: bool = False) -> list[str]:
     """Write the folders (layout: module docstring); returns the type names, registered half first.
 
-    Without sub-labels the types and captures are exactly ``train.py``'s evaluation set for the
-    same ``seed`` and ``num_types`` (``--eval-types``), so the registry's accuracy can be compared
-    with the run's eval.json.
+    Without sub-labels the types and captures are exactly ``train.py``'s evaluation set when
+    ``seed``, ``num_types``, ``captures`` and ``size`` equal its ``--seed``, ``--eval-types``,
+    ``--eval-per-type`` and ``--image-size``, so the registry's accuracy can be compared with the
+    run's eval.json.
     """
     root = Path(root)
     first_id = EVAL_TYPE_OFFSET + seed * num_types

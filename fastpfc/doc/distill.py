@@ -47,7 +47,8 @@ class ClipTeacher(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        images = F.interpolate(images, size=self.size, mode="bicubic", antialias=True, align_corners=False)
+        if tuple(images.shape[-2:]) != self.size:
+            images = F.interpolate(images, size=self.size, mode="bicubic", antialias=True, align_corners=False)
         return F.normalize(self.visual((images.clamp(0, 1) - self.mean) / self.std).float(), dim=1)
 
 
@@ -55,41 +56,55 @@ def teacher_features(teacher: ClipTeacher, dataset, path: Path, identity: dict, 
                      batch_size: int = 64, workers: int = 0, progress: bool = True) -> np.ndarray:
     """The teacher's features of every item of ``dataset``, ``[len(dataset), T]`` float16, memory-mapped.
 
-    Items are read as ``dataset[i]`` (an image folder's image resized, a synthetic document's first
-    capture). The cache ``path`` is reused when its sidecar ``path.json`` equals ``identity``
-    (teacher, weights, data); otherwise it is recomputed. Under torch.distributed every rank
-    computes a contiguous share of the rows into the same file, which must then be on a filesystem
-    all ranks see. The file is written under a
-    temporary name and renamed, and the sidecar is written last, so an interrupted build is never
-    taken for a finished one.
+    Items are read as ``dataset[i]``: give a dataset that renders at the teacher's input size
+    (an image folder's image resized, a synthetic document's first capture). The cache ``path`` is
+    reused when its sidecar ``path.json`` equals ``identity`` (teacher, weights, data), as rank 0
+    sees it; otherwise it is recomputed.
+
+    Under torch.distributed each rank computes a contiguous share of the rows into its own part
+    file, then rank 0 joins the parts, so ``path`` must be on a filesystem all ranks see. The file
+    is written under a temporary name and renamed, and the sidecar is written last, so an
+    interrupted build is never taken for a finished one.
     """
     from tqdm import tqdm
 
-    sidecar = path.with_suffix(".json")
-    if path.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == identity:
-        return np.load(path, mmap_mode="r")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    partial = path.with_name(path.name + ".partial.npy")
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sidecar.unlink(missing_ok=True)
-        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(dataset), teacher.dim))
+    sidecar = path.with_suffix(".json")
+    valid = [path.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == identity]
     if world > 1:
-        dist.barrier()
-    features = np.load(partial, mmap_mode="r+")
+        dist.broadcast_object_list(valid, src=0)  # one decision for all ranks
+    if valid[0]:
+        return np.load(path, mmap_mode="r")
+    path.parent.mkdir(parents=True, exist_ok=True)
     share = np.array_split(np.arange(len(dataset)), world)[rank]
     items = torch.utils.data.Subset(_ImagesOnly(dataset), share.tolist())
     loader = torch.utils.data.DataLoader(items, batch_size=batch_size, num_workers=workers)
-    row = int(share[0]) if len(share) else 0
-    for images in tqdm(loader, desc="teacher features", disable=not progress or rank != 0):
-        batch = teacher(images.to(device)).cpu().numpy()
-        features[row:row + len(batch)] = batch
-        row += len(batch)
-    features.flush()
-    del features
+    part = np.lib.format.open_memmap(path.with_name(f"{path.name}.part{rank}.npy"), mode="w+", dtype=np.float16,
+                                     shape=(len(share), teacher.dim))
+    row = 0
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        for images in tqdm(loader, desc="teacher features", disable=not progress or rank != 0):
+            batch = teacher(images.to(device)).cpu().numpy()
+            part[row:row + len(batch)] = batch
+            row += len(batch)
+    part.flush()
+    del part
     if world > 1:
         dist.barrier()
     if rank == 0:
+        sidecar.unlink(missing_ok=True)
+        partial = path.with_name(path.name + ".partial.npy")
+        features = np.lib.format.open_memmap(partial, mode="w+", dtype=np.float16, shape=(len(dataset), teacher.dim))
+        start = 0
+        for r in range(world):
+            part_path = path.with_name(f"{path.name}.part{r}.npy")
+            rows = np.load(part_path, mmap_mode="r")
+            features[start:start + len(rows)] = rows
+            start += len(rows)
+            del rows
+            part_path.unlink()
+        features.flush()
+        del features
         os.replace(partial, path)
         sidecar.write_text(json.dumps(identity))
     if world > 1:

@@ -9,9 +9,11 @@ for a checkpoint and its export, so a registry built with one is usable with the
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +36,17 @@ def model_identity(model: nn.Module) -> str:
     return digest.hexdigest()[:20]
 
 
-def _operating_points(eval_json: Path) -> dict[float, float]:
-    """``{target FPR: threshold}`` of the trained network in a ``train.py`` eval.json ({} if absent)."""
+def _operating_points(eval_json: Path, model_id: str) -> dict[float, float]:
+    """``{target FPR: threshold}`` from a ``train.py`` eval.json, when it evaluated these very
+    weights (its ``model_id``); ``{}`` otherwise."""
     if not eval_json.exists():
         return {}
-    points = json.loads(eval_json.read_text())["trained"]["verification"]["points"]
-    return {p["target_fpr"]: p["threshold"] for p in points if p["reliable"]}
+    trained = json.loads(eval_json.read_text())["trained"]
+    if trained.get("model_id") != model_id:
+        warnings.warn(f"{eval_json} evaluated other weights than the checkpoint beside it; its thresholds are not "
+                      "used (evaluate this checkpoint with `fastpfc-doc eval`, or pass --threshold)", stacklevel=3)
+        return {}
+    return {p["target_fpr"]: p["threshold"] for p in trained["verification"]["points"] if p["reliable"]}
 
 
 class CheckpointEmbedder:
@@ -65,7 +72,7 @@ class CheckpointEmbedder:
         self.model.to(self.device).eval()
         self.image_size, self.dim = config["image_size"], config["embedding_size"]
         self.model_id = model_identity(self.model)
-        self.operating_points = _operating_points(path.parent / "eval.json")
+        self.operating_points = _operating_points(path.parent / "eval.json", self.model_id)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.embed(images.to(self.device)).cpu()
@@ -119,35 +126,40 @@ def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18)
     """Write ``embedder`` as ONNX: input ``images [batch, 3, S, S]`` (dynamic batch), output the
     L2-normalised embedding ``[batch, D]``, with the model identity and thresholds as metadata.
 
-    Returns the largest absolute difference from PyTorch on a random batch of 3 when onnxruntime
-    is installed (``None`` otherwise). Written under a temporary name, then renamed.
+    Returns the largest absolute difference from the PyTorch model (fp32, CPU) on a random batch of
+    3 when onnxruntime is installed (``None`` otherwise). The file is written under a temporary
+    name and renamed once written (and checked).
     """
     import onnx
 
     if opset < 17:
         raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}")
     path = Path(path)
-    model = _Normalized(embedder.model).cpu().eval()
-    example = torch.rand(2, 3, embedder.image_size, embedder.image_size, generator=torch.Generator().manual_seed(0))
+    model = copy.deepcopy(_Normalized(embedder.model)).cpu().float().eval()  # the embedder keeps its device
+    size = embedder.image_size
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     partial = path.with_name(path.name + ".partial")
     torch.onnx.export(model, (example,), str(partial), input_names=["images"], output_names=["embeddings"],
                       opset_version=opset, dynamo=True, external_data=False, verbose=False,
                       dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
     proto = onnx.load(str(partial))
-    metadata = {"model_id": embedder.model_id, "image_size": embedder.image_size, "dim": embedder.dim,
+    metadata = {"model_id": embedder.model_id, "image_size": size, "dim": embedder.dim,
                 "operating_points": json.dumps(embedder.operating_points)}
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = _META_PREFIX + key, str(value)
     onnx.save(proto, str(partial))
-    os.replace(partial, path)
-    embedder.model.to(embedder.device)
+    difference = None
     try:
-        exported = OnnxEmbedder(path)
+        exported = OnnxEmbedder(partial)
     except ImportError:
-        return None
-    images = torch.rand(3, 3, embedder.image_size, embedder.image_size, generator=torch.Generator().manual_seed(1))
-    return float((exported(images) - embedder(images)).abs().max())
+        pass
+    else:
+        images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            difference = float((exported(images) - model(images)).abs().max())
+    os.replace(partial, path)
+    return difference
 
 
 class _PathImages(torch.utils.data.Dataset):

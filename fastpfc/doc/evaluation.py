@@ -138,7 +138,8 @@ def registration_accuracy(
 
 def registration_split(queries) -> tuple:
     """(queries, gallery, registered classes) of a labelled dataset: the first image of each of the
-    first half of the classes is registered; the other half of the classes must be rejected."""
+    first half of the classes is registered (and is not a registration query itself, see
+    :func:`evaluate_embedder`); the other half of the classes must be rejected."""
     first = {}
     for item, label in enumerate(queries.labels):
         first.setdefault(label, item)
@@ -150,17 +151,23 @@ def evaluate_embedder(embed, queries, gallery, registered: list[int], batch_size
     """Verification report over all pairs of ``queries`` and registration accuracy of them against
     ``gallery`` (the examples of the ``registered`` classes) at the FPR=1e-4 threshold.
 
-    ``embed`` maps images [B, 3, S, S] to unit embeddings [B, D]; the datasets give (image, label).
-    Returns a JSON-ready dict: ``verification``, ``registration`` (with its ``threshold``), ``roc``.
+    ``embed`` maps images [B, 3, S, S] to unit embeddings [B, D] (pairs are scored on their
+    device); the datasets give (image, label). When ``gallery`` is a ``Subset`` of ``queries``, its
+    images are left out of the registration queries (each would find itself). Returns a JSON-ready
+    dict: ``verification``, ``registration`` (with its ``threshold``), ``roc``.
     """
     def embed_all(dataset) -> torch.Tensor:
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
         return torch.cat([embed(images).float() for images, _ in loader])
 
-    labels = torch.tensor(queries.labels)
     embeddings = embed_all(queries)
+    labels = torch.tensor(queries.labels, device=embeddings.device)
     report = verification_report(embeddings, labels)
     threshold = report.at(1e-4).threshold
-    registration = registration_accuracy(embed_all(gallery), torch.tensor(registered), embeddings, labels, threshold)
+    keep = torch.ones(len(labels), dtype=torch.bool, device=embeddings.device)
+    if isinstance(gallery, torch.utils.data.Subset) and gallery.dataset is queries:
+        keep[list(gallery.indices)] = False
+    registration = registration_accuracy(embed_all(gallery), torch.tensor(registered, device=embeddings.device),
+                                         embeddings[keep], labels[keep], threshold)
     return {"verification": report.as_dict(), "registration": {**registration, "threshold": threshold},
             "roc": {"fpr": report.roc_fpr.tolist(), "tpr": report.roc_tpr.tolist()}}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -53,10 +54,11 @@ def list_images(root: str | Path, cache_dir: str | Path | None = None) -> list[s
     paths = _walk(root)
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
-    if cache is not None:
+    if cache is not None:  # a private temporary name: several ranks may write the same cache at once
         cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(".tmp")
-        partial.write_text("\n".join(paths))
+        handle, partial = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
+        with os.fdopen(handle, "w") as f:
+            f.write("\n".join(paths))
         os.replace(partial, cache)
     return paths
 

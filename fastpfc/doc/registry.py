@@ -9,7 +9,8 @@ same file under two labels is refused and reported (it would make answers depend
 
 Search is exact inner product (``IndexFlatIP``) by default, moved to the GPU when faiss has GPU
 support and CUDA is present; ``index="ivf"`` or ``"hnsw"`` are approximate options for registries
-of 100k+ entries. Ties are broken by registration order, so answers are deterministic.
+of 100k+ entries. Among the hits faiss returns, equal scores are ordered by registration, and the
+same file is never registered under two labels, so answers are deterministic.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .embedders import embed_paths
-from .images import IMAGE_EXTENSIONS
+from .folders import list_images
 
 FORMAT_VERSION = 1
 UNKNOWN = "unknown"
@@ -41,7 +42,7 @@ class Entry:
 
 @dataclass(frozen=True)
 class Match:
-    """A classification: ``type`` is :data:`UNKNOWN` when the best score is below the threshold;
+    """A classification: ``type`` is :data:`UNKNOWN` when the best score is at or below the threshold;
     ``sub_label`` is ``None`` when the type matched but none of its sub-labels did."""
 
     type: str
@@ -60,18 +61,14 @@ class RegistrationReport:
 def labelled_images(root: str | Path) -> list[tuple[Path, str, str | None]]:
     """``(path, type, sub-label)`` of the images under ``root``, sorted by path."""
     root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"registration folder {root} does not exist")
     found = []
-    for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file()):
-        parts = path.relative_to(root).parts
+    for relative in list_images(root):
+        path, parts = root / relative, Path(relative).parts
         if len(parts) == 1:
             raise ValueError(f"{path} lies directly in {root}; put it in a <type>/ or <type>/<sub-label>/ folder")
         if len(parts) > 3:
             raise ValueError(f"{path} is nested too deep; the layout is {root}/<type>/[<sub-label>/]image")
         found.append((path, parts[0], parts[1] if len(parts) == 3 else None))
-    if not found:
-        raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
     return found
 
 
@@ -83,15 +80,19 @@ def _label(entry: Entry) -> str:
     return entry.type if entry.sub_label is None else f"{entry.type}/{entry.sub_label}"
 
 
+def _on_gpu() -> bool:
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
 def _build_index(kind: str, dim: int, features: np.ndarray):
-    """A faiss index of ``kind`` over ``features`` (ids are added by the caller)."""
+    """An empty faiss index of ``kind`` (IVF: trained on ``features``); the caller adds the vectors."""
     import faiss
 
     if kind == "flat":
         base = faiss.IndexFlatIP(dim)
-        if hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0:
-            base = faiss.index_cpu_to_all_gpus(base)
-        return faiss.IndexIDMap2(base)
+        return faiss.IndexIDMap2(faiss.index_cpu_to_all_gpus(base) if _on_gpu() else base)
     if kind == "ivf":
         lists = max(1, int(np.sqrt(len(features))))
         base = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
@@ -116,7 +117,7 @@ class Registry:
         self.entries: dict[int, Entry] = {}
         self.features = np.zeros((0, embedder.dim), dtype=np.float32)
         self.ids = np.zeros(0, dtype=np.int64)
-        self._next_id, self._index = 0, None
+        self._next_id, self._index, self._trained_on = 0, None, 0
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -160,7 +161,8 @@ class Registry:
         self.entries.update(zip(ids.tolist(), entries, strict=True))
         self.features = np.concatenate([self.features, features])
         self.ids = np.concatenate([self.ids, ids])
-        if self._index is None or (self.index_kind == "ivf" and not self._index.is_trained):
+        outgrown = self.index_kind == "ivf" and len(self.ids) > 16 * self._trained_on  # retrain its lists
+        if self._index is None or outgrown:
             self._rebuild()
         elif len(ids):
             self._index.add_with_ids(features, ids)
@@ -175,8 +177,8 @@ class Registry:
         self.features, self.ids = self.features[keep], self.ids[keep]
         for i in gone:
             del self.entries[i]
-        if self.index_kind == "hnsw":  # HNSW graphs cannot delete: this one index is rebuilt
-            self._rebuild()
+        if self.index_kind == "hnsw" or (self.index_kind == "flat" and _on_gpu()):
+            self._rebuild()  # HNSW graphs and GPU indexes cannot delete: this one index is rebuilt
         else:
             self._index.remove_ids(np.asarray(gone, dtype=np.int64))
         return len(gone)
@@ -186,6 +188,7 @@ class Registry:
             self._index = None  # IVF needs data to train on; built with the first examples
             return
         self._index = _build_index(self.index_kind, self.embedder.dim, self.features)
+        self._trained_on = len(self.ids)
         if len(self.ids):
             self._index.add_with_ids(self.features, self.ids)
 
@@ -212,7 +215,7 @@ class Registry:
         sub_threshold = threshold if sub_threshold is None else sub_threshold
         matches = []
         for hits in self.search(queries, 1):
-            score, best = hits[0]
+            score, best = hits[0] if hits else (-1.0, None)  # an IVF probe may find no list with entries
             if score <= threshold:  # accepted strictly above, the convention of fastpfc.doc.evaluation
                 matches.append(Match(UNKNOWN, None, score, None))
             else:
@@ -242,9 +245,11 @@ class Registry:
         path = Path(path)
         approximate = self.index_kind != "flat" and self._index is not None  # flat is rebuilt on load (cheap)
         meta = {"version": FORMAT_VERSION, "model_id": self.embedder.model_id, "index": self.index_kind,
-                "next_id": self._next_id, "entries": [asdict(self.entries[i]) for i in self.ids.tolist()]}
+                "next_id": self._next_id, "trained_on": self._trained_on,
+                "entries": [asdict(self.entries[i]) for i in self.ids.tolist()]}
         partial = path.with_name(path.name + ".partial.npz")
-        np.savez(partial, features=self.features, ids=self.ids, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+        np.savez(partial, features=self.features, ids=self.ids,
+                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
                  index=faiss.serialize_index(self._index) if approximate else np.zeros(0, np.uint8))
         os.replace(partial, path)
 
@@ -265,7 +270,7 @@ class Registry:
             registry = cls(embedder, meta["index"])
             registry.features, registry.ids = saved["features"], saved["ids"]
             registry.entries = {i: Entry(**e) for i, e in zip(registry.ids.tolist(), meta["entries"], strict=True)}
-            registry._next_id = meta["next_id"]
+            registry._next_id, registry._trained_on = meta["next_id"], meta["trained_on"]
             if len(saved["index"]):
                 registry._index = faiss.deserialize_index(saved["index"])
             else:

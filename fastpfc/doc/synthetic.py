@@ -30,6 +30,8 @@ KINDS = ("id_card", "bank_card", "form", "receipt", "certificate")
 ASPECT = {"id_card": 1.586, "bank_card": 1.586, "form": 0.707, "receipt": 0.4, "certificate": 1.414}
 #: Types per look-alike family (same layout, other colours / issuer) and generations per family.
 FAMILY_SIZE, GENERATIONS = 3, 2
+#: Bumped whenever the same seed renders different images (caches of derived data key on it).
+GENERATOR_VERSION = 2
 #: Evaluation type ids start here, so no evaluation type is ever a training type.
 EVAL_TYPE_OFFSET = 1_000_000
 _WORDS = ("NATIONAL", "REPUBLIC", "BANK", "UNION", "CREDIT", "INSURANCE", "LICENSE", "PERMIT", "RESIDENT",

@@ -3,6 +3,7 @@ evaluation, and exact-resume checkpoints; one process or ``torchrun`` (DDP backb
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import random
 import signal
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +22,11 @@ from torch import nn
 from fastpfc import PartialFCLoss, create_margin
 
 from .distill import DISTILL_LOSSES, ClipTeacher, teacher_features
+from .embedders import model_identity
 from .evaluation import evaluate_embedder, registration_split
 from .folders import ImageFolderDataset
 from .model import DocumentEmbedder
-from .synthetic import SyntheticDocuments
+from .synthetic import GENERATOR_VERSION, SyntheticDocuments
 
 
 def _option(default, help: str):
@@ -118,14 +121,17 @@ class BatchSchedule:
 LISTING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastpfc"
 
 
-def training_data(config: TrainConfig):
-    """The training set and a description of it (for the teacher cache): an image folder
-    (``--data``, camera-capture augmented) or the built-in synthetic documents."""
+def training_data(config: TrainConfig, image_size: int | None = None):
+    """The training set at ``image_size`` (default ``--image-size``) and a description of its
+    content (for the teacher cache): an image folder (``--data``, camera-capture augmented) or the
+    built-in synthetic documents."""
+    size = image_size or config.image_size
     if config.data is not None:
-        data = ImageFolderDataset(config.data, config.data_layout, config.image_size, LISTING_CACHE, augment=True)
-        return data, {"folder": str(Path(config.data).resolve()), "layout": config.data_layout, "items": len(data)}
-    data = SyntheticDocuments(config.train_types, config.per_type, "train", config.image_size, config.seed)
-    return data, {"synthetic": [config.train_types, config.per_type, config.seed]}
+        data = ImageFolderDataset(config.data, config.data_layout, size, LISTING_CACHE, augment=True)
+        listing = hashlib.sha1("\n".join(data.paths).encode()).hexdigest()
+        return data, {"folder": str(Path(config.data).resolve()), "layout": config.data_layout, "listing": listing}
+    data = SyntheticDocuments(config.train_types, config.per_type, "train", size, config.seed)
+    return data, {"synthetic": [config.train_types, config.per_type, config.seed], "generator": GENERATOR_VERSION}
 
 
 def evaluation_data(config: TrainConfig):
@@ -145,7 +151,8 @@ def evaluate(model: DocumentEmbedder, config: TrainConfig, device: torch.device)
     """TPR@FPR over all pairs of the evaluation images (unseen classes) and registration accuracy
     at the FPR=1e-4 threshold (see :func:`evaluation_data`)."""
     model.eval()
-    return evaluate_embedder(lambda images: model.embed(images.to(device)).cpu(), *evaluation_data(config))
+    result = evaluate_embedder(lambda images: model.embed(images.to(device)), *evaluation_data(config))
+    return {"model_id": model_identity(model), **result}  # ties eval.json's thresholds to these weights
 
 
 def _rng_state() -> dict:
@@ -185,7 +192,8 @@ def _start_distributed() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # rank 0 evaluates while the others wait: allow more than NCCL's default 10 minutes
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -196,8 +204,9 @@ def _workers(config: TrainConfig) -> int:
     return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
-def _teacher(config: TrainConfig, data, data_identity: dict, device: torch.device, progress: bool):
-    """(teacher features [N, T] memory-mapped, T), or (None, None) without ``--clip-model``."""
+def _teacher(config: TrainConfig, device: torch.device, progress: bool):
+    """(teacher features [N, T] memory-mapped, T), or (None, None) without ``--clip-model``. The
+    teacher sees the training images rendered at its own input size."""
     if config.clip_model is None:
         return None, None
     if config.clip_weights is None:
@@ -205,9 +214,10 @@ def _teacher(config: TrainConfig, data, data_identity: dict, device: torch.devic
     if config.distill_loss not in DISTILL_LOSSES:
         raise ValueError(f"unknown distillation loss {config.distill_loss!r}; choose one of {sorted(DISTILL_LOSSES)}")
     teacher = ClipTeacher(config.clip_model, config.clip_weights).to(device)
+    data, data_identity = training_data(config, image_size=teacher.size[0])
     weights = Path(config.clip_weights).resolve()
     identity = {"model": config.clip_model, "weights": str(weights), "weights_bytes": weights.stat().st_size,
-                "weights_mtime_ns": weights.stat().st_mtime_ns, "image_size": config.image_size, **data_identity}
+                "weights_mtime_ns": weights.stat().st_mtime_ns, **data_identity}
     path = Path(config.teacher_cache or Path(config.run_dir) / "teacher.npy")
     features = teacher_features(teacher, data, path, identity, device, workers=_workers(config), progress=progress)
     return features, teacher.dim
@@ -217,35 +227,49 @@ def save_checkpoint(path: Path, step: int, config: TrainConfig, student: Student
                     scheduler) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. The
     config travels with it, so ``fastpfc.doc.embedders.CheckpointEmbedder`` can rebuild the model."""
-    state = {"step": step, "config": asdict(config), "model": student.embedder.state_dict(),
+    state = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+             "config": asdict(config), "model": student.embedder.state_dict(),
              "loss": loss_fn.state_dict(),
              "projection": student.projection.state_dict() if student.projection is not None else None,
              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
     partial = path.with_suffix(".tmp")
     torch.save(state, partial)
+    if dist.is_initialized():
+        dist.barrier()  # every rank has written its file before any replaces its previous one
     os.replace(partial, path)
 
 
 def _load_checkpoint(path: Path, student: Student, loss_fn, optimizer, scheduler, world: int,
                      device: torch.device) -> int:
-    state = torch.load(path, weights_only=False, map_location="cpu")
-    student.embedder.load_state_dict(state["model"])
-    if (state.get("projection") is None) != (student.projection is None):
-        raise ValueError(f"{path} was {'not ' if student.projection is not None else ''}trained with distillation; "
-                         "resume it with the same --clip-model, or start a new --run-dir")
-    if student.projection is not None:
-        student.projection.load_state_dict(state["projection"])
-    loss_fn.load_state_dict(state["loss"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    if world > 1:  # every rank's file must hold the same step
-        steps = torch.tensor([state["step"], -state["step"]], device=device)
-        dist.all_reduce(steps, op=dist.ReduceOp.MAX)
-        if steps[0] != -steps[1]:
-            raise ValueError(f"the ranks' checkpoints hold different steps ({-int(steps[1])} to {int(steps[0])}); "
-                             f"an interrupted save? restore one step's files in {path.parent}")
-    return state["step"]
+    """Restore everything from ``path``; returns its step. If any rank fails, every rank raises."""
+    error, step = None, -1
+    try:
+        state = torch.load(path, weights_only=False, map_location="cpu")
+        if state.get("world_size", 1) != world:
+            raise ValueError(f"{path} was written by {state.get('world_size', 1)} processes and this run has "
+                             f"{world}; resume with the same number (or start a new --run-dir)")
+        if (state.get("projection") is None) != (student.projection is None):
+            raise ValueError(f"{path} was {'not ' if student.projection is not None else ''}trained with "
+                             "distillation; resume it with the same --clip-model, or start a new --run-dir")
+        student.embedder.load_state_dict(state["model"])
+        if student.projection is not None:
+            student.projection.load_state_dict(state["projection"])
+        loss_fn.load_state_dict(state["loss"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        step = state["step"]
+    except (OSError, RuntimeError, ValueError, KeyError) as caught:
+        error = caught
+    failed, low, high = _agree([error is not None, -step, step], world, device)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"another rank could not load its checkpoint from {path.parent} (see its error)")
+    if -low != high:
+        raise ValueError(f"the ranks' checkpoints in {path.parent} hold different steps ({-low} to {high}): the "
+                         "run stopped while saving; resume needs every rank's file of one step")
+    return step
 
 
 def _append_metrics(path: Path, record: dict) -> None:
@@ -253,13 +277,13 @@ def _append_metrics(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _agree(flags: list[bool], world: int, device: torch.device) -> list[bool]:
-    """Each flag OR-ed over the ranks, so that every rank takes the same decision."""
+def _agree(values: list[int], world: int, device: torch.device) -> list[int]:
+    """Each value's maximum over the ranks (for flags: OR), so that every rank takes the same decision."""
     if world == 1:
-        return flags
-    tensor = torch.tensor(flags, dtype=torch.int32, device=device)  # NCCL reduces CUDA tensors only
+        return values
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)  # NCCL reduces CUDA tensors only
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return [bool(flag) for flag in tensor]
+    return tensor.tolist()
 
 
 class _Indexed(torch.utils.data.Dataset):
@@ -293,8 +317,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     if lead:
         (run / "config.json").write_text(json.dumps(asdict(config), indent=2))
     torch.manual_seed(config.seed)
-    data, data_identity = training_data(config)
-    teacher_bank, teacher_dim = _teacher(config, data, data_identity, device, progress)
+    data, _ = training_data(config)
+    teacher_bank, teacher_dim = _teacher(config, device, progress)
     embedder = DocumentEmbedder(config.backbone, config.embedding_size, config.image_size, config.head_norm,
                                 config.weights)
     student = Student(embedder, teacher_dim).to(device)
@@ -309,6 +333,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     ])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(config))
     checkpoint, start = run / ("checkpoint.pt" if world == 1 else f"checkpoint-rank{rank}.pt"), 0
+    other_layout = list(run.glob("checkpoint-rank*.pt")) if world == 1 else list(run.glob("checkpoint.pt"))
+    if other_layout:
+        raise ValueError(f"{other_layout[0]} was written by a run with {'more than ' if world == 1 else ''}one "
+                         f"process; resume with the same number of processes, or start a new --run-dir")
     untrained_path = run / "eval_untrained.json"
     some_have, some_lack = _agree([checkpoint.exists(), not checkpoint.exists()], world, device)
     if some_have and some_lack:

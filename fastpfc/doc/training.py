@@ -53,7 +53,7 @@ class TrainConfig:
     eval_per_type: int = _option(8, "captures per evaluation type")
     steps: int = _option(500, "optimizer steps")
     batch_size: int = _option(64, "images per step")
-    lr: float = _option(2e-3, "peak learning rate of the backbone and head")
+    lr: float = _option(4e-3, "peak learning rate of the backbone and head")
     center_lr: float = _option(2e-2, "peak learning rate of the class centers")
     weight_decay: float = _option(0.05, "AdamW weight decay of the backbone and head")
     warmup_steps: int = _option(50, "linear warm-up steps")

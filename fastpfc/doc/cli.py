@@ -91,10 +91,16 @@ def summarize(matches: list[Match], truths: list[tuple[str, str | None]], regist
     def rate(hits: int, total: int) -> float | None:
         return hits / total if total else None
 
+    by_sub_label = {}
+    for name in sorted({t[1] for _, t in with_sub}):
+        queries = [(m, t) for m, t in with_sub if t[1] == name]
+        by_sub_label[f"sub_label_accuracy[{name}]"] = rate(sum((m.type, m.sub_label) == t for m, t in queries),
+                                                             len(queries))
     return {
         "queries": len(matches),
         "type_accuracy": rate(sum(m.type == t[0] for m, t in known), len(known)),
         "sub_label_accuracy": rate(sum((m.type, m.sub_label) == t for m, t in with_sub), len(with_sub)),
+        **by_sub_label,
         "parent_accuracy_of_sub_label_queries": rate(sum(m.type == t[0] for m, t in with_sub), len(with_sub)),
         "no_sub_label_reported_for_plain_queries": rate(sum(m.sub_label is None for m, _ in without_sub),
                                                         len(without_sub)),

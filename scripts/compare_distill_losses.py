@@ -31,7 +31,7 @@ def gradient_norms(dim: int = 512, batch: int = 64) -> dict[str, float]:
         student = torch.randn(batch, dim, generator=gen).requires_grad_()
         loss = loss_fn(student, teacher)
         loss.backward()
-        norms[name] = (float(loss), float(student.grad.norm()))
+        norms[name] = (float(loss.detach()), float(student.grad.norm()))
     return norms
 
 

@@ -18,19 +18,10 @@ from fastpfc import CosFace, PartialFCLoss
 BATCH, STEPS, NUM_CLASSES = 64, 5, 1000
 
 
-def main() -> None:
-    distributed = "RANK" in os.environ  # set by torchrun
-    device = torch.device("cpu")
-    if distributed:
-        if torch.cuda.is_available():
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
-
+def train(rank: int, world_size: int, device: torch.device) -> None:
     torch.manual_seed(0)  # the same backbone on every rank
     backbone = torch.nn.Linear(32, 16).to(device)
-    if distributed:
+    if world_size > 1:
         backbone = DistributedDataParallel(backbone)
     loss_fn = PartialFCLoss(16, NUM_CLASSES, margin=CosFace(s=16.0, m=0.2), seed=1).to(device)
     optimizer = torch.optim.SGD([*backbone.parameters(), *loss_fn.parameters()], lr=0.5)
@@ -46,6 +37,18 @@ def main() -> None:
         optimizer.step()
         if rank == 0:
             print(f"step {step} loss {loss.item():.6f}", flush=True)
+
+
+def main() -> None:
+    distributed = "RANK" in os.environ  # set by torchrun
+    device = torch.device("cpu")
+    if distributed:
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    train(rank, world_size, device)  # returns with DDP and the loss freed, before the group goes
     if distributed:
         dist.barrier()  # no rank tears the group down while another is still using it
         dist.destroy_process_group()

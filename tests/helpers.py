@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -41,3 +45,22 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute error, relative to the largest magnitude of ``expected``."""
     actual, expected = actual.detach().double(), expected.detach().double()
     return float((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+
+
+#: What a gloo rank sometimes prints when it aborts in process teardown, after its work is done
+#: (a gloo thread still joinable at exit; upstream, see pytorch/pytorch#179291).
+GLOO_TEARDOWN_ABORT = "terminate called without an active exception"
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, cwd=None, attempts: int = 3) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=nproc script args`` on CPU (gloo). A launch that
+    failed only by the known teardown abort is run again (``attempts`` in all); any other failure
+    is returned as it is."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               script, *args]
+    for _ in range(attempts):
+        done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=cwd, timeout=600)
+        if done.returncode == 0 or GLOO_TEARDOWN_ABORT not in done.stderr:
+            return done
+    return done

@@ -13,7 +13,7 @@ import fastpfc.distributed as fd
 from fastpfc import PartialFCLoss, partial_fc_loss, reference_partial_fc_loss
 
 from dist_worker import BATCH_SIZES, DIM, MARGIN, NUM_CLASSES, problem, run
-from helpers import max_rel_error
+from helpers import max_rel_error, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 REPO = Path(__file__).resolve().parents[1]
@@ -157,8 +157,7 @@ def test_torchrun_demo_matches_single_process(tmp_path):
     script = REPO / "examples" / "distributed_demo.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env)
-    multi = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                            str(script)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    multi = torchrun(str(script), cwd=tmp_path)
     for completed in (single, multi):
         assert completed.returncode == 0, completed.stderr[-3000:]
     single_losses = [float(line.split()[-1]) for line in single.stdout.splitlines() if line.startswith("step")]

@@ -94,17 +94,16 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
 def test_torchrun_trains_with_ddp_and_sharded_centers_and_resumes(tmp_path):
     """train.py under torchrun with 2 gloo ranks: each rank holds half the class centers and its own
     checkpoint; a second launch with more steps resumes from them."""
-    import subprocess
-    import sys
     from pathlib import Path
+
+    from helpers import torchrun
 
     script = Path(__file__).resolve().parent.parent / "train.py"
     options = ["--run-dir", str(tmp_path), "--image-size", "48", "--embedding-size", "16", "--train-types", "10",
                "--per-type", "4", "--eval-types", "4", "--eval-per-type", "2", "--batch-size", "8",
                "--warmup-steps", "1", "--workers", "0", "--checkpoint-every", "2"]
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     for steps in (3, 5):
-        done = subprocess.run(launch + options + ["--steps", str(steps)], capture_output=True, text=True, timeout=600)
+        done = torchrun(str(script), *options, "--steps", str(steps))
         assert done.returncode == 0, done.stderr[-3000:]
         assert "TPR@FPR=1e-4" in done.stdout
         ranks = [torch.load(tmp_path / f"checkpoint-rank{r}.pt", weights_only=False) for r in range(2)]

@@ -52,9 +52,11 @@ def test_register_classify_add_a_type_remove(checkpoint, tmp_path, capsys):
     code, out, _ = _run(capsys, "remove", "-m", checkpoint, "-r", registry, new_type)
     assert code == 0 and "holds 5 examples" in out
 
-    code, out, _ = _run(capsys, "classify", "-m", checkpoint, "-r", registry, "--threshold", "0.5",
-                        str(demo / "queries" / new_type / "0.png"))
-    assert code == 0 and "0.png" in out
+    code, out, _ = _run(capsys, "classify", "-m", checkpoint, "-r", registry, "--threshold", "0.5", "--top-k", "3",
+                        "--json", str(demo / "queries" / new_type / "0.png"))
+    nearest = json.loads(out)["results"][0]["nearest"]
+    assert code == 0 and len(nearest) == 3 and nearest[0]["score"] >= nearest[1]["score"] >= nearest[2]["score"]
+    assert new_type not in {n["type"] for n in nearest}  # removed
 
 
 def test_export_and_onnx_model_share_the_registry(checkpoint, tmp_path, capsys):

@@ -9,6 +9,7 @@ from PIL import Image
 
 pytest.importorskip("faiss")
 
+from fastpfc.doc.embedders import embed_paths  # noqa: E402
 from fastpfc.doc.registry import INDEXES, UNKNOWN, Registry, labelled_images  # noqa: E402
 
 
@@ -149,3 +150,35 @@ def test_a_registry_of_another_model_is_refused(tmp_path):
         Registry.load(tmp_path / "reg.npz", other)
     with pytest.raises(ValueError, match="registry is empty"):
         Registry(other).search(np.zeros((1, 16), np.float32))
+
+
+class DirectEmbedder(PixelEmbedder):
+    """Reads the embedding off the image: the first 16 pixel values, centred and normalised."""
+
+    model_id = "direct-v1"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.normalize(images.permute(0, 2, 3, 1).flatten(1)[:, :16] - 0.5, dim=1)
+
+
+def _pointing(path, direction: int, seed: int) -> None:
+    """An 8x8 image whose DirectEmbedder embedding is close to +e0 (direction 1) or -e0 (-1)."""
+    pixels = np.full((8, 8, 3), 127.5) + np.random.default_rng(seed).normal(0, 4, (8, 8, 3))
+    pixels[0, 0, 0] = 127.5 + 120 * direction
+    _image(path, seed=0, base=pixels, noise=0.0)
+
+
+def test_ivf_probes_that_find_nothing_give_unknown_after_removals(tmp_path):
+    for n in range(400):  # 20 IVF lists, 16 probed: a query near +e0 never probes the lists near -e0
+        _pointing(tmp_path / "reg" / "a" / f"{n}.png", 1, seed=n)
+    for n in range(6):
+        _pointing(tmp_path / "reg" / "b" / f"{n}.png", -1, seed=1000 + n)
+    registry = Registry(DirectEmbedder(), "ivf")
+    registry.add_folder(tmp_path / "reg")
+    _pointing(tmp_path / "q" / "a.png", 1, seed=5000)
+    assert registry.classify([tmp_path / "q" / "a.png"], threshold=0.5)[0].type == "a"
+    registry.remove("a")  # the lists near +e0 are now empty
+    query = embed_paths(registry.embedder, [tmp_path / "q" / "a.png"])
+    assert registry.search(query, k=1) == [[]]  # faiss found nothing in the probed lists
+    matches = registry.classify([tmp_path / "q" / "a.png"], threshold=0.5)
+    assert matches[0].type == UNKNOWN

@@ -18,6 +18,7 @@ import json
 import sys
 from pathlib import Path
 
+from .embedders import embed_paths
 from .folders import list_images
 from .registry import INDEXES, UNKNOWN, Match, Registry
 
@@ -113,9 +114,14 @@ def classify(args) -> int:
     registry = _open_registry(args)
     threshold = args.threshold if args.threshold is not None else registry.threshold_at(args.fpr)
     files = _image_files(args.inputs)
-    matches = registry.classify([f for f, _ in files], threshold, args.sub_threshold, progress=not args.quiet)
+    features = embed_paths(registry.embedder, [f for f, _ in files], progress=not args.quiet)
+    matches = registry.classify_features(features, threshold, args.sub_threshold)
     rows = [{"image": str(f), "type": m.type, "sub_label": m.sub_label, "score": round(m.score, 4),
              "example": m.source} for (f, _), m in zip(files, matches, strict=True)]
+    if args.top_k > 1:  # the k nearest registered examples of each image, whatever the threshold
+        for row, hits in zip(rows, registry.search(features, args.top_k), strict=True):
+            row["nearest"] = [{"type": e.type, "sub_label": e.sub_label, "score": round(score, 4),
+                               "example": e.source} for score, e in hits]
     summary = summarize(matches, [_truth(f, d) for f, d in files], registry) if args.labelled else None
     if args.json:
         print(json.dumps({"threshold": threshold, "results": rows} | ({"summary": summary} if summary else {}),
@@ -125,7 +131,9 @@ def classify(args) -> int:
         width = max(len(r["image"]) for r in rows)
         for r in rows:
             label = r["type"] + (f"/{r['sub_label']}" if r["sub_label"] else "")
-            print(f"{r['image']:<{width}}  {label:<32} {r['score']:.3f}")
+            nearest = "  ".join(f"{n['type']}{'/' + n['sub_label'] if n['sub_label'] else ''} {n['score']:.3f}"
+                                for n in r.get("nearest", [])[1:])
+            print(f"{r['image']:<{width}}  {label:<32} {r['score']:.3f}" + (f"   next: {nearest}" if nearest else ""))
     if summary:
         print(f"threshold {threshold:.4f}" + (f" (FPR={args.fpr})" if args.threshold is None else ""))
         for key, value in summary.items():
@@ -197,6 +205,7 @@ def parser() -> argparse.ArgumentParser:
                                                          "the threshold)")
     sub.add_argument("--labelled", action="store_true", help="inputs are <folder>/<type>/[<sub-label>/]image: "
                                                              "print accuracy and the rejection of unregistered types")
+    sub.add_argument("--top-k", type=int, default=1, help="also list the k nearest registered examples")
     sub.add_argument("--json", action="store_true", help="JSON output")
     sub.add_argument("--verbose", action="store_true", help="with --labelled, also print every image")
     sub = command("export", export, "export a checkpoint to ONNX (normalised embedding, dynamic batch)",

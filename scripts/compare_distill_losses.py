@@ -22,13 +22,14 @@ from fastpfc.doc.training import TrainConfig, train
 TEACHER = "fastpfc-small-random-vit"
 
 
-def gradient_norms(dim: int = 512, batch: int = 64) -> dict[str, float]:
-    """|d loss / d student| of each loss on unrelated random unit vectors (the start of training)."""
+def gradient_norms(dim: int, batch: int = 64) -> dict[str, tuple[float, float]]:
+    """(loss, |d loss / d student|) of each loss on unrelated random unit vectors (as at the start
+    of training)."""
     gen = torch.Generator().manual_seed(0)
     teacher = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1)
     norms = {}
     for name, loss_fn in DISTILL_LOSSES.items():
-        student = torch.randn(batch, dim, generator=gen).requires_grad_()
+        student = torch.nn.functional.normalize(torch.randn(batch, dim, generator=gen), dim=1).requires_grad_()
         loss = loss_fn(student, teacher)
         loss.backward()
         norms[name] = (float(loss.detach()), float(student.grad.norm()))
@@ -64,7 +65,7 @@ def main() -> None:
                     "distill_loss_first10": sum(r["distill_loss"] for r in first) / 10}
         rows.append(row)
         print(json.dumps(row))
-    print(json.dumps({"loss_and_gradient_norm_at_random": gradient_norms()}))
+    print(json.dumps({"loss_and_gradient_norm_at_random": gradient_norms(config["embed_dim"])}))
 
 
 if __name__ == "__main__":

@@ -92,6 +92,14 @@ def test_onnx_export_matches_pytorch_at_any_batch(checkpoint, tmp_path):
         torch.testing.assert_close(exported(images), embedder(images), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="opset must be at least 17"):
         export_onnx(embedder, tmp_path / "old.onnx", opset=13)
+    real_call = OnnxEmbedder.__call__
+    OnnxEmbedder.__call__ = lambda self, images: real_call(self, images) + 1.0  # a broken export
+    try:
+        with pytest.raises(ValueError, match="differs from the PyTorch model"):
+            export_onnx(embedder, tmp_path / "bad.onnx")
+    finally:
+        OnnxEmbedder.__call__ = real_call
+    assert not list(tmp_path.glob("bad.onnx*"))  # nothing written
 
 
 def test_clear_errors(checkpoint, tmp_path, capsys):

@@ -125,11 +125,10 @@ def test_thresholds_and_sub_labels(tmp_path):
     _image(tmp_path / "reg" / "card" / "0.png", seed=3)
     registry = Registry(embedder)
     registry.add_folder(tmp_path / "reg")
-    queries = [_image(tmp_path / "q" / "plain.png", seed=4, base=base), _image(tmp_path / "q" / "glare.png", seed=5,
-                                                                             base=glare),
-               _image(tmp_path / "q" / "other.png", seed=6)]
+    _image(tmp_path / "q" / "plain.png", seed=4, base=base)
+    _image(tmp_path / "q" / "glare.png", seed=5, base=glare)
+    _image(tmp_path / "q" / "other.png", seed=6)
     paths = [tmp_path / "q" / name for name in ("plain.png", "glare.png", "other.png")]
-    assert len(queries) == 3
     threshold = registry.threshold_at(1e-4)
     matches = registry.classify(paths, threshold)
     assert [(m.type, m.sub_label) for m in matches] == [("form", None), ("form", "glare"), (UNKNOWN, None)]
@@ -182,3 +181,25 @@ def test_ivf_probes_that_find_nothing_give_unknown_after_removals(tmp_path):
     assert registry.search(query, k=1) == [[]]  # faiss found nothing in the probed lists
     matches = registry.classify([tmp_path / "q" / "a.png"], threshold=0.5)
     assert matches[0].type == UNKNOWN
+
+
+def test_labelled_summary_counts():
+    from fastpfc.doc.cli import summarize
+    from fastpfc.doc.registry import Entry, Match
+
+    registry = Registry(PixelEmbedder())
+    registry.entries = {0: Entry("a", None, "a.png", "1"), 1: Entry("a", "glare", "ag.png", "2"),
+                        2: Entry("b", None, "b.png", "3")}
+    truths = [("a", None), ("a", None), ("a", "glare"), ("a", "glare"), ("a", "glare"), ("b", None), ("c", None),
+              ("c", None)]
+    matches = [Match("a", None, 0.9, ""), Match("a", "glare", 0.9, ""),  # plain a: right, right type + a sub-label
+               Match("a", "glare", 0.9, ""), Match("a", None, 0.9, ""), Match("b", None, 0.9, ""),  # glare queries
+               Match(UNKNOWN, None, 0.1, ""),  # b rejected: wrong
+               Match(UNKNOWN, None, 0.1, ""), Match("b", None, 0.9, "")]  # unregistered c: one rejected
+    summary = summarize(matches, truths, registry)
+    assert summary["type_accuracy"] == 4 / 6
+    assert summary["sub_label_accuracy"] == summary["sub_label_accuracy[glare]"] == 1 / 3
+    assert summary["parent_accuracy_of_sub_label_queries"] == 2 / 3
+    assert summary["no_sub_label_reported_for_plain_queries"] == 2 / 3
+    assert summary["rejection_rate"] == 1 / 2
+    assert (summary["num_registered_type_queries"], summary["num_unregistered_type_queries"]) == (6, 2)

@@ -75,6 +75,17 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, monkeypatch):
     assert torch.equal(a["loss"]["weight"], b["loss"]["weight"])
 
 
+def test_resuming_with_other_options_is_refused(tmp_path):
+    train(_config(tmp_path, steps=2), progress=False)
+    config_before = (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"other options \(--lr 0.004 now 0.001\)"):
+        train(_config(tmp_path, steps=4, lr=1e-3), progress=False)
+    assert (tmp_path / "config.json").read_text() == config_before  # the record of the run is kept
+    with pytest.warns(UserWarning, match="resuming with --steps 3 instead of 2"):
+        train(_config(tmp_path, steps=3), progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
 def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     config = _config(tmp_path)
     real_forward = training.PartialFCLoss.forward

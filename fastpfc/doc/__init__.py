@@ -7,9 +7,18 @@ and ONNX inference, export), ``registry`` (register by example, classify with fa
 (synthetic registration folders) and ``cli`` (``fastpfc-doc``).
 """
 
-from .embedders import CheckpointEmbedder, OnnxEmbedder, export_onnx, load_embedder
-from .evaluation import OperatingPoint, VerificationReport, registration_accuracy, verification_report
-from .registry import Match, Registry
+from importlib import import_module
 
-__all__ = ["CheckpointEmbedder", "Match", "OnnxEmbedder", "OperatingPoint", "Registry", "VerificationReport",
-           "export_onnx", "load_embedder", "registration_accuracy", "verification_report"]
+from .evaluation import OperatingPoint, VerificationReport, registration_accuracy, verification_report
+
+#: Public names of the modules that need the ``train`` extra (Pillow, timm, faiss), imported on first use.
+_LAZY = {"CheckpointEmbedder": "embedders", "OnnxEmbedder": "embedders", "export_onnx": "embedders",
+         "load_embedder": "embedders", "Match": "registry", "Registry": "registry"}
+
+__all__ = ["OperatingPoint", "VerificationReport", "registration_accuracy", "verification_report", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -122,13 +122,15 @@ class _Normalized(nn.Module):
         return F.normalize(self.model(images), dim=1)
 
 
-def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18) -> float | None:
+def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18,
+                tolerance: float = 1e-4) -> float | None:
     """Write ``embedder`` as ONNX: input ``images [batch, 3, S, S]`` (dynamic batch), output the
     L2-normalised embedding ``[batch, D]``, with the model identity and thresholds as metadata.
 
     Returns the largest absolute difference from the PyTorch model (fp32, CPU) on a random batch of
-    3 when onnxruntime is installed (``None`` otherwise). The file is written under a temporary
-    name and renamed once written (and checked).
+    3 when onnxruntime is installed (``None`` otherwise); a difference above ``tolerance`` raises
+    ``ValueError`` and writes nothing. The file is written under a temporary name and renamed into
+    place only once checked.
     """
     import onnx
 
@@ -158,6 +160,10 @@ def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18)
         images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(1))
         with torch.no_grad():
             difference = float((exported(images) - model(images)).abs().max())
+        if not difference <= tolerance:  # NaN included
+            partial.unlink()
+            raise ValueError(f"the ONNX export differs from the PyTorch model by {difference:.2e} (tolerance "
+                             f"{tolerance:.0e}); nothing was written")
     os.replace(partial, path)
     return difference
 

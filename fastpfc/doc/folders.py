@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from PIL import Image
 
+from .files import write_text_atomic
 from .images import IMAGE_EXTENSIONS, read_image, to_tensor
 from .synthetic import capture
 
@@ -54,12 +54,8 @@ def list_images(root: str | Path, cache_dir: str | Path | None = None) -> list[s
     paths = _walk(root)
     if not paths:
         raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
-    if cache is not None:  # a private temporary name: several ranks may write the same cache at once
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        handle, partial = tempfile.mkstemp(dir=cache.parent, prefix=cache.name, suffix=".tmp")
-        with os.fdopen(handle, "w") as f:
-            f.write("\n".join(paths))
-        os.replace(partial, cache)
+    if cache is not None:  # several ranks may write the same cache at once
+        write_text_atomic(cache, "\n".join(paths))
     return paths
 
 

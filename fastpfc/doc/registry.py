@@ -9,8 +9,8 @@ same file under two labels is refused and reported (it would make answers depend
 
 Search is exact inner product (``IndexFlatIP``) by default, moved to the GPU when faiss has GPU
 support and CUDA is present; ``index="ivf"`` or ``"hnsw"`` are approximate options for registries
-of 100k+ entries. Among the hits faiss returns, equal scores are ordered by registration, and the
-same file is never registered under two labels, so answers are deterministic.
+of 100k+ entries. Answers are deterministic: faiss searches are, and the same file is never
+registered under two labels.
 """
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ class Registry:
         matches = []
         for hits in self.search(queries, 1):
             score, best = hits[0] if hits else (-1.0, None)  # an IVF probe may find no list with entries
-            if score <= threshold:  # accepted strictly above, the convention of fastpfc.doc.evaluation
+            if best is None or score <= threshold:  # accepted strictly above, as in fastpfc.doc.evaluation
                 matches.append(Match(UNKNOWN, None, score, None))
             else:
                 matches.append(Match(best.type, best.sub_label if score > sub_threshold else None, score,

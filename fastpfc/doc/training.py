@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -24,6 +25,7 @@ from fastpfc import PartialFCLoss, create_margin
 from .distill import DISTILL_LOSSES, ClipTeacher, teacher_features
 from .embedders import model_identity
 from .evaluation import evaluate_embedder, registration_split
+from .files import write_text_atomic
 from .folders import ImageFolderDataset
 from .model import DocumentEmbedder
 from .synthetic import GENERATOR_VERSION, SyntheticDocuments
@@ -239,18 +241,34 @@ def save_checkpoint(path: Path, step: int, config: TrainConfig, student: Student
     os.replace(partial, path)
 
 
-def _load_checkpoint(path: Path, student: Student, loss_fn, optimizer, scheduler, world: int,
+#: Options that may differ when a run is resumed; any other difference is refused.
+RESUMABLE_CHANGES = frozenset({"run_dir", "steps", "workers", "checkpoint_every", "compile", "channels_last",
+                               "teacher_cache"})
+
+
+def _check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
+    current = asdict(config)
+    changed = sorted(k for k in current.keys() | saved.keys()
+                     if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
+    if changed:
+        raise ValueError(f"{path} was saved by a run with other options ("
+                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} now {current.get(k)}" for k in changed)
+                         + "); resuming would not continue that run: use its options or a new --run-dir")
+    if saved["steps"] != config.steps:
+        warnings.warn(f"resuming with --steps {config.steps} instead of {saved['steps']}: the learning-rate "
+                      "schedule from here on is the new one's", stacklevel=3)
+
+
+def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn, optimizer, scheduler, world: int,
                      device: torch.device) -> int:
     """Restore everything from ``path``; returns its step. If any rank fails, every rank raises."""
     error, step = None, -1
     try:
         state = torch.load(path, weights_only=False, map_location="cpu")
+        _check_resumable(path, state["config"], config)
         if state.get("world_size", 1) != world:
             raise ValueError(f"{path} was written by {state.get('world_size', 1)} processes and this run has "
                              f"{world}; resume with the same number (or start a new --run-dir)")
-        if (state.get("projection") is None) != (student.projection is None):
-            raise ValueError(f"{path} was {'not ' if student.projection is not None else ''}trained with "
-                             "distillation; resume it with the same --clip-model, or start a new --run-dir")
         student.embedder.load_state_dict(state["model"])
         if student.projection is not None:
             student.projection.load_state_dict(state["projection"])
@@ -259,7 +277,7 @@ def _load_checkpoint(path: Path, student: Student, loss_fn, optimizer, scheduler
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         step = state["step"]
-    except (OSError, RuntimeError, ValueError, KeyError) as caught:
+    except Exception as caught:  # noqa: BLE001 - whatever it is, every rank must learn of it
         error = caught
     failed, low, high = _agree([error is not None, -step, step], world, device)
     if error is not None:
@@ -314,11 +332,9 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     progress = progress and lead
     run = Path(config.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    if lead:
-        (run / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    torch.manual_seed(config.seed)
     data, _ = training_data(config)
     teacher_bank, teacher_dim = _teacher(config, device, progress)
+    torch.manual_seed(config.seed)  # after the teacher: the same initial weights with or without one
     embedder = DocumentEmbedder(config.backbone, config.embedding_size, config.image_size, config.head_norm,
                                 config.weights)
     student = Student(embedder, teacher_dim).to(device)
@@ -340,12 +356,14 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     untrained_path = run / "eval_untrained.json"
     some_have, some_lack = _agree([checkpoint.exists(), not checkpoint.exists()], world, device)
     if some_have and some_lack:
-        raise ValueError(f"some ranks find their checkpoint in {run} and others do not; restore the missing "
-                         "checkpoint-rank*.pt files or start a new --run-dir")
+        raise ValueError(f"some ranks find their checkpoint in {run} and others do not: a resume needs the "
+                         "same number of processes as the run that saved it (and all its checkpoint-rank*.pt)")
     if some_have:
-        start = _load_checkpoint(checkpoint, student, loss_fn, optimizer, scheduler, world, device)
+        start = _load_checkpoint(checkpoint, config, student, loss_fn, optimizer, scheduler, world, device)
     elif lead:
-        untrained_path.write_text(json.dumps(evaluate(embedder, config, device)))
+        write_text_atomic(untrained_path, json.dumps(evaluate(embedder, config, device)))
+    if lead:
+        write_text_atomic(run / "config.json", json.dumps(asdict(config), indent=2))
     network = nn.parallel.DistributedDataParallel(student) if world > 1 else student
     if config.compile:
         network = torch.compile(network)
@@ -404,7 +422,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         dist.barrier()
         return {}
     results = {"untrained": json.loads(untrained_path.read_text()), "trained": evaluate(embedder, config, device)}
-    (run / "eval.json").write_text(json.dumps(results, indent=2))
+    write_text_atomic(run / "eval.json", json.dumps(results, indent=2))
     _plot(run, results)
     if world > 1:
         dist.barrier()

@@ -1,6 +1,7 @@
 """CLIP distillation with a tiny randomly initialised open_clip model (CPU)."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -92,3 +93,27 @@ def test_training_with_distillation_pulls_the_student_to_the_teacher(tiny_clip, 
     assert (tmp_path / "teacher.npy").exists() and (tmp_path / "teacher.json").exists()
     with pytest.raises(ValueError, match="other options .*--clip-model fastpfc-tiny-clip now None"):
         train(TrainConfig(**(config.__dict__ | {"clip_model": None, "steps": 31})), progress=False)
+
+
+def _teacher_cache_rank(rank: int, world: int, init_file: str, weights: str, cache: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    open_clip.add_model_config(str(Path(weights).parent / f"{TINY}.json"))
+    teacher = ClipTeacher(TINY, weights)
+    teacher_features(teacher, SyntheticDocuments(3, 3, size=32), Path(cache), {"model": TINY}, torch.device("cpu"),
+                     batch_size=2, progress=False)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ranks_build_one_cache_together(tiny_clip, tmp_path):
+    """Two gloo ranks each compute their share into a part file; rank 0 joins them."""
+    cache = tmp_path / "teacher.npy"
+    torch.multiprocessing.spawn(_teacher_cache_rank, args=(2, str(tmp_path / "init"), tiny_clip, str(cache)),
+                                nprocs=2)
+    data = SyntheticDocuments(3, 3, size=32)
+    direct = ClipTeacher(TINY, tiny_clip)(torch.stack([data[i][0] for i in range(len(data))]))
+    torch.testing.assert_close(torch.from_numpy(np.load(cache)).float(), direct, atol=2e-3, rtol=0)
+    assert json.loads(cache.with_suffix(".json").read_text()) == {"model": TINY}
+    assert not list(tmp_path.glob("teacher.npy.*"))  # no part or partial files left

@@ -53,7 +53,7 @@ class TrainConfig:
     per_type: int = _option(8, "synthetic documents per training type")
     eval_types: int = _option(100, "unseen synthetic types to evaluate on")
     eval_per_type: int = _option(8, "captures per evaluation type")
-    steps: int = _option(500, "optimizer steps")
+    steps: int = _option(700, "optimizer steps")
     batch_size: int = _option(64, "images per step")
     lr: float = _option(4e-3, "peak learning rate of the backbone and head")
     center_lr: float = _option(2e-2, "peak learning rate of the class centers")

@@ -40,8 +40,9 @@ def main() -> None:
     for name, result in results.items():
         point = result["verification"]["points"][1]
         registration = result["registration"]
+        caveat = "" if point["reliable"] else ", too few to measure 1e-4: not a result"
         print(f"{name:>9}: TPR@FPR=1e-4 {point['tpr']:.3f} (threshold {point['threshold']:.3f}, "
-              f"{result['verification']['num_impostor']} impostor pairs) | registration accuracy "
+              f"{result['verification']['num_impostor']} impostor pairs{caveat}) | registration accuracy "
               f"{registration['accuracy']:.3f}, unregistered types rejected {registration['rejection_rate']:.3f}")
     print(json.dumps({"run_dir": config.run_dir}))
 

@@ -385,14 +385,16 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 embeddings, projections = network(images)
             loss = loss_fn(embeddings.float(), labels.to(device))
-            record = {"pfc_loss": loss.item()}
+            parts = {"pfc_loss": loss}
             if projections is not None:
                 targets = torch.from_numpy(teacher_bank[items.numpy()]).to(device).float()
                 distill_loss = distill(projections, targets)
                 loss = loss + config.distill_weight * distill_loss
-                record |= {"distill_loss": distill_loss.item(),
-                           "teacher_cos": torch.cosine_similarity(projections.float(), targets).mean().item()}
-            non_finite, stop = _agree([not torch.isfinite(loss).item(), interrupted.requested], world, device)
+                parts |= {"distill_loss": distill_loss,
+                          "teacher_cos": torch.cosine_similarity(projections.detach().float(), targets).mean()}
+            total, *values = torch.stack([loss, *parts.values()]).detach().tolist()  # one host sync per step
+            record = dict(zip(parts, values, strict=True))
+            non_finite, stop = _agree([not math.isfinite(total), interrupted.requested], world, device)
             if non_finite:
                 raise FloatingPointError(f"the loss is not finite at step {step} ({record}); stopped without "
                                          f"saving, the last checkpoint ({checkpoint}) is as it was")
@@ -406,10 +408,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             rate = world * len(labels) / (now - last)  # wall clock, data loading included
             last = now
             if lead:
-                _append_metrics(run / "metrics.jsonl", {"step": step, "loss": loss.item(), **record,
+                _append_metrics(run / "metrics.jsonl", {"step": step, "loss": total, **record,
                                                         "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
             if step % config.checkpoint_every == 0 or stop:
                 save_checkpoint(checkpoint, step, config, student, loss_fn, optimizer, scheduler)
             if stop:

@@ -18,8 +18,10 @@ import json
 import sys
 from pathlib import Path
 
-from .embedders import embed_paths
-from .folders import list_images
+from .demo import write_demo
+from .embedders import CheckpointEmbedder, embed_paths, export_onnx, load_embedder
+from .evaluation import evaluate_embedder, registration_split
+from .folders import ImageFolderDataset, list_images
 from .registry import INDEXES, UNKNOWN, Match, Registry
 
 
@@ -38,8 +40,6 @@ def _image_files(inputs: list[str]) -> list[tuple[Path, Path | None]]:
 
 
 def _open_registry(args, create: bool = False) -> Registry:
-    from .embedders import load_embedder
-
     embedder = load_embedder(args.model)
     if Path(args.registry).exists():
         registry = Registry.load(args.registry, embedder)
@@ -142,8 +142,6 @@ def classify(args) -> int:
 
 
 def export(args) -> int:
-    from .embedders import CheckpointEmbedder, export_onnx
-
     difference = export_onnx(CheckpointEmbedder(args.model), args.output, args.opset)
     check = "onnxruntime not installed, not verified" if difference is None else (
         f"max |onnxruntime - PyTorch| = {difference:.2e}")
@@ -152,10 +150,6 @@ def export(args) -> int:
 
 
 def evaluate(args) -> int:
-    from .embedders import load_embedder
-    from .evaluation import evaluate_embedder, registration_split
-    from .folders import ImageFolderDataset
-
     embedder = load_embedder(args.model)
     data = ImageFolderDataset(args.folder, "subfolders", embedder.image_size)
     result = evaluate_embedder(embedder, *registration_split(data))
@@ -165,8 +159,6 @@ def evaluate(args) -> int:
 
 
 def synth(args) -> int:
-    from .demo import write_demo
-
     names = write_demo(args.output, args.types, args.captures, args.seed, args.size, sub_labels=args.sub_labels,
                        progress=not args.quiet)
     print(f"wrote {len(names)} synthetic types to {args.output}: register/ ({len(names) // 2} types), "

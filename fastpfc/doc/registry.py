@@ -28,6 +28,8 @@ from .folders import list_images
 
 FORMAT_VERSION = 1
 UNKNOWN = "unknown"
+#: faiss index kinds: exact inner product, or approximate (inverted lists, HNSW graph).
+INDEXES = ("flat", "ivf", "hnsw")
 
 
 @dataclass(frozen=True)
@@ -102,9 +104,6 @@ def _build_index(kind: str, dim: int, features: np.ndarray):
     if kind == "hnsw":
         return faiss.IndexIDMap2(faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT))
     raise ValueError(f"unknown index {kind!r}; choose one of {INDEXES}")
-
-
-INDEXES = ("flat", "ivf", "hnsw")
 
 
 class Registry:

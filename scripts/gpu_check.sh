@@ -2,6 +2,9 @@
 # The one prepared run for a lent GPU (device tool): install without network, the CUDA tests, the
 # torchrun demo under NCCL at world size 1, and the quick benchmark report. Files land in $OUT.
 #   device run: bash scripts/gpu_check.sh      (timeout_s ~ 560)
+# The second prepared call (issue 5's GPU check: a short bf16/Triton training, images/s and the
+# loss's share of a step), after the same install:
+#   python3 scripts/gpu_train_check.py --classes 200000 --steps 300 --batch-size 256   (timeout_s ~ 300)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1

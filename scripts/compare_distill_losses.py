@@ -13,10 +13,9 @@ import argparse
 import json
 from pathlib import Path
 
-import open_clip
 import torch
 
-from fastpfc.doc.distill import DISTILL_LOSSES
+from fastpfc.doc.distill import DISTILL_LOSSES, save_random_clip
 from fastpfc.doc.training import TrainConfig, train
 
 TEACHER = "fastpfc-small-random-vit"
@@ -42,14 +41,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/distill-compare")
     args = parser.parse_args()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    config = {"embed_dim": 256, "vision_cfg": {"image_size": 128, "layers": 4, "width": 256, "patch_size": 16},
-              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 64, "heads": 2, "layers": 1}}
-    (out / f"{TEACHER}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(out / f"{TEACHER}.json")
-    torch.manual_seed(0)
-    weights = out / "teacher.pt"
-    torch.save(open_clip.create_model(TEACHER).state_dict(), weights)
+    dim = 256
+    weights = save_random_clip(TEACHER, {"image_size": 128, "layers": 4, "width": 256, "patch_size": 16}, dim, out)
     rows = []
     for loss in ("none", *DISTILL_LOSSES):
         distil = {} if loss == "none" else {"clip_model": TEACHER, "clip_weights": str(weights), "distill_loss": loss,
@@ -60,12 +53,12 @@ def main() -> None:
         first, last = records[:10], records[-10:]
         row = {"loss": loss, "TPR@1e-3": result[2]["tpr"], "TPR@1e-2": result[3]["tpr"]}
         if loss != "none":
-            row |= {"teacher_cos_first10": sum(r["teacher_cos"] for r in first) / 10,
-                    "teacher_cos_last10": sum(r["teacher_cos"] for r in last) / 10,
-                    "distill_loss_first10": sum(r["distill_loss"] for r in first) / 10}
+            row |= {"teacher_cos_first10": sum(r["teacher_cos"] for r in first) / len(first),
+                    "teacher_cos_last10": sum(r["teacher_cos"] for r in last) / len(last),
+                    "distill_loss_first10": sum(r["distill_loss"] for r in first) / len(first)}
         rows.append(row)
         print(json.dumps(row))
-    print(json.dumps({"loss_and_gradient_norm_at_random": gradient_norms(config["embed_dim"])}))
+    print(json.dumps({"loss_and_gradient_norm_at_random": gradient_norms(dim)}))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,13 @@ pytest.importorskip("timm")
 open_clip = pytest.importorskip("open_clip")
 
 import fastpfc.doc.distill as distill  # noqa: E402
-from fastpfc.doc.distill import ClipTeacher, cosine_distill_loss, kl_distill_loss, teacher_features  # noqa: E402
+from fastpfc.doc.distill import (  # noqa: E402
+    ClipTeacher,
+    cosine_distill_loss,
+    kl_distill_loss,
+    save_random_clip,
+    teacher_features,
+)
 from fastpfc.doc.synthetic import SyntheticDocuments  # noqa: E402
 from fastpfc.doc.training import TrainConfig, train  # noqa: E402
 
@@ -21,16 +27,8 @@ TINY = "fastpfc-tiny-clip"
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory) -> str:
     """Registers a tiny ViT CLIP config and saves random weights; returns the weights file."""
-    folder = tmp_path_factory.mktemp("clip")
     vision = {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16}
-    config = {"embed_dim": 24, "vision_cfg": vision,
-              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-    (folder / f"{TINY}.json").write_text(json.dumps(config))
-    open_clip.add_model_config(folder / f"{TINY}.json")
-    torch.manual_seed(1)
-    weights = folder / "tiny.pt"
-    torch.save(open_clip.create_model(TINY).state_dict(), weights)
-    return str(weights)
+    return str(save_random_clip(TINY, vision, 24, tmp_path_factory.mktemp("clip"), seed=1))
 
 
 def test_teacher_gives_unit_features_at_any_input_size(tiny_clip):

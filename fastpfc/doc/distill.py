@@ -54,6 +54,25 @@ class ClipTeacher(nn.Module):
         return F.normalize(self.visual((images.clamp(0, 1) - self.mean) / self.std).float(), dim=1)
 
 
+def save_random_clip(name: str, vision: dict, dim: int, folder: Path, seed: int = 0) -> Path:
+    """Register an open_clip model ``name`` (image tower ``vision``, a minimal text tower, ``dim``
+    features) from a config file written to ``folder``, and save randomly initialised weights
+    there; returns the weights file. For tests and measurements, where no CLIP weights can be
+    downloaded. Call it (or ``open_clip.add_model_config`` on the same file) in every process.
+    """
+    import open_clip
+
+    config = {"embed_dim": dim, "vision_cfg": vision,
+              "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(config))
+    open_clip.add_model_config(folder / f"{name}.json")
+    torch.manual_seed(seed)
+    weights = folder / f"{name}.pt"
+    torch.save(open_clip.create_model(name).state_dict(), weights)
+    return weights
+
+
 def teacher_features(teacher: ClipTeacher, dataset, path: Path, identity: dict, device: torch.device,
                      batch_size: int = 64, workers: int = 0, progress: bool = True) -> np.ndarray:
     """The teacher's features of every item of ``dataset``, ``[len(dataset), T]`` float16, memory-mapped.

@@ -22,7 +22,7 @@ from .demo import write_demo
 from .embedders import CheckpointEmbedder, embed_paths, export_onnx, load_embedder
 from .evaluation import evaluate_embedder, registration_split
 from .folders import ImageFolderDataset, list_images
-from .registry import INDEXES, UNKNOWN, Match, Registry
+from .registry import INDEXES, UNKNOWN, Match, Registry, label_of
 
 
 def _image_files(inputs: list[str]) -> list[tuple[Path, Path | None]]:
@@ -73,10 +73,9 @@ def remove(args) -> int:
 
 
 def _truth(image: Path, folder: Path | None) -> tuple[str, str | None]:
-    parts = image.relative_to(folder).parts if folder is not None else ()
-    if len(parts) < 2:
-        raise ValueError(f"--labelled needs <folder>/<type>/[<sub-label>/]image, got {image}")
-    return parts[0], parts[1] if len(parts) == 3 else None
+    if folder is None:
+        raise ValueError(f"--labelled needs folders laid out as <folder>/<type>/[<sub-label>/]image, got {image}")
+    return label_of(image, folder)
 
 
 def summarize(matches: list[Match], truths: list[tuple[str, str | None]], registry: Registry) -> dict:

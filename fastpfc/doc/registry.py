@@ -60,18 +60,20 @@ class RegistrationReport:
     conflicts: list[tuple[str, str, str]] = field(default_factory=list)  # (refused file, its label, other label)
 
 
+def label_of(path: Path, root: Path) -> tuple[str, str | None]:
+    """(type, sub-label) of the image ``path`` in the layout ``root/<type>/[<sub-label>/]image``."""
+    parts = path.relative_to(root).parts
+    if len(parts) == 1:
+        raise ValueError(f"{path} lies directly in {root}; put it in a <type>/ or <type>/<sub-label>/ folder")
+    if len(parts) > 3:
+        raise ValueError(f"{path} is nested too deep; the layout is {root}/<type>/[<sub-label>/]image")
+    return parts[0], parts[1] if len(parts) == 3 else None
+
+
 def labelled_images(root: str | Path) -> list[tuple[Path, str, str | None]]:
     """``(path, type, sub-label)`` of the images under ``root``, sorted by path."""
     root = Path(root)
-    found = []
-    for relative in list_images(root):
-        path, parts = root / relative, Path(relative).parts
-        if len(parts) == 1:
-            raise ValueError(f"{path} lies directly in {root}; put it in a <type>/ or <type>/<sub-label>/ folder")
-        if len(parts) > 3:
-            raise ValueError(f"{path} is nested too deep; the layout is {root}/<type>/[<sub-label>/]image")
-        found.append((path, parts[0], parts[1] if len(parts) == 3 else None))
-    return found
+    return [(root / relative, *label_of(root / relative, root)) for relative in list_images(root)]
 
 
 def _digest(path: Path) -> str:

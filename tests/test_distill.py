@@ -77,20 +77,24 @@ def test_distillation_losses():
 
 
 def test_training_with_distillation_pulls_the_student_to_the_teacher(tiny_clip, tmp_path):
+    """The logged teacher cosine (projected student vs teacher, per batch) starts near 0 and ends
+    far above it. The setup makes the effect large: over seeds 0, 3 and 6 the last five steps
+    averaged 0.70-0.79 against 0.02-0.05 for the first three, so the 0.35 asked for is about half
+    of the smallest gain, not a value just under one machine's result."""
     config = TrainConfig(run_dir=str(tmp_path), clip_model=TINY, clip_weights=tiny_clip, image_size=48,
-                         embedding_size=16, train_types=8, per_type=4, eval_types=4, eval_per_type=2, steps=30,
-                         batch_size=16, warmup_steps=2, workers=0, lr=3e-3, scale=16.0, margin_m=0.2,
-                         distill_weight=5.0)
+                         embedding_size=16, train_types=8, per_type=4, eval_types=4, eval_per_type=2, steps=20,
+                         batch_size=16, warmup_steps=2, workers=0, lr=3e-2, scale=16.0, margin_m=0.2,
+                         distill_weight=20.0)
     train(config, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     alignment = [r["teacher_cos"] for r in records]
-    assert np.mean(alignment[-5:]) > np.mean(alignment[:5]) + 0.2, alignment
-    assert all(abs(r["loss"] - r["pfc_loss"] - 5.0 * r["distill_loss"]) < 1e-4 for r in records)
+    assert np.mean(alignment[-5:]) > np.mean(alignment[:3]) + 0.35, alignment
+    assert all(abs(r["loss"] - r["pfc_loss"] - 20.0 * r["distill_loss"]) < 1e-4 for r in records)
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
     assert state["projection"]["weight"].shape == (24, 16)
     assert (tmp_path / "teacher.npy").exists() and (tmp_path / "teacher.json").exists()
     with pytest.raises(ValueError, match="other options .*--clip-model fastpfc-tiny-clip now None"):
-        train(TrainConfig(**(config.__dict__ | {"clip_model": None, "steps": 31})), progress=False)
+        train(TrainConfig(**(config.__dict__ | {"clip_model": None, "steps": 21})), progress=False)
 
 
 def _teacher_cache_rank(rank: int, world: int, init_file: str, weights: str, cache: str) -> None:

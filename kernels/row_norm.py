@@ -6,6 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .config import ROW_NORM_BLOCK
 from .tiles import gather_rows
 
 
@@ -36,9 +37,9 @@ def row_inv_norms(src: torch.Tensor, index: torch.Tensor | None = None, eps: flo
     out = torch.empty(num_rows, dtype=torch.float32, device=src.device)
     if num_rows == 0:
         return out
-    block_r, block_d = 32, 64
-    _row_inv_norm_kernel[(triton.cdiv(num_rows, block_r),)](
+    block_d = 64
+    _row_inv_norm_kernel[(triton.cdiv(num_rows, ROW_NORM_BLOCK),)](
         src, index if index is not None else src, out, num_rows, src.shape[1], src.stride(0), eps,
-        HAS_INDEX=index is not None, BLOCK_R=block_r, BLOCK_D=block_d,
+        HAS_INDEX=index is not None, BLOCK_R=ROW_NORM_BLOCK, BLOCK_D=block_d,
     )
     return out

@@ -20,7 +20,8 @@ def _train_step_peak(loss_fn, batch, num_classes, dim):
     x = torch.randn(batch, dim, generator=gen).to(DEVICE).requires_grad_()
     w = torch.randn(num_classes, dim, generator=gen).to(DEVICE).requires_grad_()
     labels = torch.randint(0, num_classes, (batch,), generator=gen).to(DEVICE)
-    loss_fn(x[:2], w, labels[:2], CosFace()).backward()  # warm-up: first-use caches are not the loss's
+    warm_w = w[:64].detach().requires_grad_()  # a warm-up on few classes: first-use caches are not the loss's
+    loss_fn(x[:2], warm_w, labels[:2] % 64, CosFace()).backward()
 
     def step():
         loss_fn(x, w, labels, CosFace()).backward()
@@ -30,9 +31,9 @@ def _train_step_peak(loss_fn, batch, num_classes, dim):
 
 @pytest.mark.parametrize("backend, batch, num_classes", [("torch", 256, 100_000), ("triton", 256, 100_000)])
 def test_peak_memory_is_far_below_one_logits_matrix(backend, batch, num_classes, monkeypatch):
-    if backend == "triton" and DEVICE.type == "cpu":  # big tiles: fewer interpreter steps
+    if backend == "triton" and DEVICE.type == "cpu":  # big tiles: fewer interpreter steps (at most 0.1 of B * C)
         from fastpfc import triton_backend
-        config = TileConfig(block_b=256, block_c=512, block_d=16, block_d_out=16, num_splits=4)
+        config = TileConfig(block_b=256, block_c=1024, block_d=16, block_d_out=16, num_splits=4)
         monkeypatch.setattr(triton_backend, "default_config", lambda device, dim: config)
     dim = 8  # small D: the weight and its gradient (C * D) stay small next to B * C
     logits_bytes = batch * num_classes * 4

@@ -62,7 +62,8 @@ def default_config(device: torch.device, dim: int) -> TileConfig:
     if device.type != "cuda":
         return TileConfig(block_b=32, block_c=64, block_d=64, block_d_out=min(max(d_out, 64), 128), num_splits=1)
     # A backward program owns the whole embedding dimension up to 512, so each cosine tile is
-    # recomputed once per kernel (the sm_90 compile of 64 x 512 fp32 accumulators does not spill).
+    # recomputed once per kernel. At D = 512 the sm_90 compile of both backward kernels spills
+    # 2-3 KB per thread (benchmarks/results/sm90-compile.md): not a tuned configuration.
     return TileConfig(block_d_out=min(d_out, 512), num_warps=8 if d_out >= 128 else 4)
 
 

@@ -156,11 +156,20 @@ def _compiled_reference(case: Case, device: torch.device, inputs: Inputs) -> Los
     return _sampled(torch.compile(reference_partial_fc_loss, dynamic=False), case)
 
 
+def _stored_numerators(case: Case, device: torch.device, inputs: Inputs) -> LossFn:
+    """fastpfc with a memory budget for the whole [B, C] of softmax numerators (torch backend)."""
+    if device.type == "cuda":
+        raise Unavailable("memory_budget is implemented by the torch backend only so far")
+    budget = case.batch * case.classes * 4  # fp32 numerators
+    return _sampled(functools.partial(partial_fc_loss, validate=False, memory_budget=budget), case)
+
+
 #: Implementation name -> factory(case, device, inputs) -> loss step. The reference comes first:
 #: speed-ups and memory ratios are relative to it.
 IMPLEMENTATIONS: dict[str, Callable[[Case, torch.device, Inputs], LossFn]] = {
     "reference": lambda case, device, inputs: _sampled(reference_partial_fc_loss, case),
     "fastpfc": lambda case, device, inputs: _sampled(functools.partial(partial_fc_loss, validate=False), case),
+    "fastpfc-stored": _stored_numerators,
     "reference-compiled": _compiled_reference,
     "torch-chunked-ce": _torch_chunked_ce,
     "liger": _liger,

@@ -139,6 +139,7 @@ def sharded_partial_fc_loss(
     group: ProcessGroup = None,
     embedding_grad_scale: float | None = None,
     validate: bool = True,
+    memory_budget: int = 0,
 ) -> torch.Tensor:
     """PartialFC loss with the class centers sharded over the ranks of ``group``.
 
@@ -161,6 +162,8 @@ def sharded_partial_fc_loss(
             (right for a backbone under DDP, see the module docstring).
         validate: check shapes, and with ``num_classes`` the label range and finite embeddings; a
             rejection on any rank raises on every rank.
+        memory_budget: bytes this rank's backward may keep from its forward (see
+            :func:`fastpfc.functional.margin_softmax`).
     """
     world_size, _ = world(group)
     sizes, any_needs_grad = agree_on_inputs(embeddings, labels, weight_shard, num_classes, validate, group)
@@ -177,7 +180,8 @@ def sharded_partial_fc_loss(
         index, _ = sample_centers(local[in_shard], weight_shard.shape[0], sample_rate, generator)
     position = local if index is None else torch.searchsorted(index, local.clamp(0, weight_shard.shape[0] - 1))
     target_pos = torch.where(in_shard, position, -1)
-    lse, target_logit = margin_softmax(all_embeddings, weight_shard, index, target_pos, margin, backend)
+    lse, target_logit = margin_softmax(all_embeddings, weight_shard, index, target_pos, margin, backend,
+                                       memory_budget)
     parts = _GatherReplicated.apply(torch.stack([lse, target_logit]), group)  # [world, 2, B]
     loss = torch.logsumexp(parts[:, 0], dim=0) - parts[:, 1].sum(dim=0)
     return reduce_loss(loss, reduction)

@@ -3,7 +3,8 @@
 A backend is a module with three functions (see ``torch_backend`` and ``triton_backend``):
 
 * ``check_tensors(x, weight)``: raise a clear error for inputs it cannot take;
-* ``forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale)`` -> ``(lse, saved)``;
+* ``forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget)``
+  -> ``(lse, saved)``, where ``memory_budget`` is the bytes the backend may keep for the backward;
 * ``backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
   need_x, need_weight)`` -> ``(grad of x / ||x||, grad of weight)``, either ``None`` when not needed.
 
@@ -46,9 +47,9 @@ class MarginSoftmax(torch.autograd.Function):
     """``(lse, target_logit)`` of the margin logits; see :func:`margin_softmax`."""
 
     @staticmethod
-    def forward(ctx, x, weight, index, target_pos, margin: Margin, backend: ModuleType):
+    def forward(ctx, x, weight, index, target_pos, margin: Margin, backend: ModuleType, memory_budget: int):
         with torch.autocast(x.device.type, enabled=False):  # precision is decided here, not by autocast
-            return MarginSoftmax._forward(ctx, x, weight, index, target_pos, margin, backend)
+            return MarginSoftmax._forward(ctx, x, weight, index, target_pos, margin, backend, memory_budget)
 
     @staticmethod
     def backward(ctx, grad_lse, grad_target_logit):
@@ -56,7 +57,7 @@ class MarginSoftmax(torch.autograd.Function):
             return MarginSoftmax._backward(ctx, grad_lse, grad_target_logit)
 
     @staticmethod
-    def _forward(ctx, x, weight, index, target_pos, margin, backend):
+    def _forward(ctx, x, weight, index, target_pos, margin, backend, memory_budget):
         backend.check_tensors(x, weight)
         x, weight = _row_major(x), _row_major(weight)
         target_pos = target_pos.contiguous()  # the kernels read both as flat arrays
@@ -70,7 +71,8 @@ class MarginSoftmax(torch.autograd.Function):
         w_target = weight[target_rows].to(x_c.dtype)
         cos_target = (x_c * w_target).sum(dim=1) * x_inv_norm * inv_norms(w_target)
         target_logit = torch.where(has_target, margin(cos_target), 0.0)
-        lse, saved = backend.forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, margin.scale)
+        lse, saved = backend.forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, margin.scale,
+                                         memory_budget)
         ctx.save_for_backward(x, weight, index, target_pos, x_inv_norm, cos_target, target_logit, lse, *saved)
         ctx.margin, ctx.backend = margin, backend
         return lse, target_logit
@@ -88,7 +90,7 @@ class MarginSoftmax(torch.autograd.Function):
             x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, ctx.margin.scale,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         grad_x = None if grad_unit_x is None else normalize_backward(grad_unit_x, x, x_inv_norm).to(x.dtype)
-        return grad_x, grad_weight, None, None, None, None
+        return grad_x, grad_weight, None, None, None, None, None
 
 
 def margin_softmax(
@@ -98,6 +100,7 @@ def margin_softmax(
     target_pos: torch.Tensor,
     margin: Margin,
     backend: str = "auto",
+    memory_budget: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-sum-exp of the margin logits over the used classes, and the target logits.
 
@@ -114,14 +117,24 @@ def margin_softmax(
             (a row whose class lives on another rank).
         margin: a :class:`fastpfc.margins.Margin`.
         backend: ``'auto'``, ``'triton'`` or ``'torch'``.
+        memory_budget: bytes the backward may keep from the forward. The torch backend keeps the
+            softmax numerators of as many class blocks as fit (``B * block`` values each) and
+            skips recomputing their cosines, a third of its backward matmul work; 0 keeps nothing
+            ``[B, C]``-sized. The Triton backend takes only 0 so far.
 
     Returns:
         ``lse``: [B] fp32 (fp64 for fp64 inputs), the per-row LSE over these classes. Over shards
         of the classes, ``torch.logsumexp`` of the shards' ``lse`` is the LSE over all of them.
         ``target_logit``: [B], same dtype, 0 where ``target_pos`` is -1.
     """
+    check_memory_budget(memory_budget)
     module = importlib.import_module(BACKENDS[resolve_backend(backend, embeddings.device)])
-    return MarginSoftmax.apply(embeddings, weight, index, target_pos, margin, module)
+    return MarginSoftmax.apply(embeddings, weight, index, target_pos, margin, module, memory_budget)
+
+
+def check_memory_budget(memory_budget: int) -> None:
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
+        raise ValueError(f"memory_budget must be a number of bytes >= 0, got {memory_budget!r}")
 
 
 def empty_batch_loss(embeddings: torch.Tensor, weight: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -150,6 +163,7 @@ def partial_fc_loss(
     reduction: str = "mean",
     backend: str = "auto",
     validate: bool = True,
+    memory_budget: int = 0,
 ) -> torch.Tensor:
     """Margin softmax cross entropy over the classes ``index`` (all classes when ``None``).
 
@@ -166,6 +180,7 @@ def partial_fc_loss(
         backend: ``'auto'``, ``'triton'`` or ``'torch'``.
         validate: check shapes, label range, finite embeddings and that ``index`` is sorted,
             unique and holds every label (one host sync); ``False`` skips it.
+        memory_budget: bytes the backward may keep from the forward (see :func:`margin_softmax`).
 
     An empty batch gives a zero loss (an empty [0] tensor for ``'none'``) that still
     back-propagates (zero gradients) to ``embeddings`` and ``weight``.
@@ -180,5 +195,5 @@ def partial_fc_loss(
         return empty_batch_loss(embeddings, weight, reduction)
     if target_pos is None:
         target_pos = labels if index is None else torch.searchsorted(index, labels)
-    lse, target_logit = margin_softmax(embeddings, weight, index, target_pos, margin, backend)
+    lse, target_logit = margin_softmax(embeddings, weight, index, target_pos, margin, backend, memory_budget)
     return reduce_loss(lse - target_logit, reduction)

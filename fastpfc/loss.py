@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import ProcessGroup, shard_bounds, sharded_partial_fc_loss, world
-from .functional import BACKENDS, REDUCTIONS, partial_fc_loss
+from .functional import BACKENDS, REDUCTIONS, check_memory_budget, partial_fc_loss
 from .margins import CosFace, Margin
 from .sampling import sample_centers
 from .validation import check_shapes, check_values
@@ -71,6 +71,10 @@ class PartialFCLoss(nn.Module):
             the same on every rank).
         ddp_backbone: when sharded, scale the embeddings' gradient by the world size, so that a
             backbone under DDP (which averages gradients) gets the single-process gradient.
+        memory_budget: bytes the backward may keep from the forward (torch backend: the softmax
+            numerators of as many class blocks as fit, a third less backward matmul work for
+            them); 0, the default, keeps nothing ``[B, C]``-sized. See
+            :func:`fastpfc.functional.margin_softmax`.
 
     Attributes:
         weight: ``nn.Parameter`` [num_classes, embedding_size] (this rank's shard
@@ -89,8 +93,10 @@ class PartialFCLoss(nn.Module):
         seed: int | None = None,
         process_group: ProcessGroup = None,
         ddp_backbone: bool = True,
+        memory_budget: int = 0,
     ) -> None:
         super().__init__()
+        check_memory_budget(memory_budget)
         if embedding_size < 1 or num_classes < 1:
             raise ValueError(f"embedding_size and num_classes must be positive, got {embedding_size}, {num_classes}")
         if not 0.0 < sample_rate <= 1.0:
@@ -102,7 +108,7 @@ class PartialFCLoss(nn.Module):
         self.embedding_size, self.num_classes = embedding_size, num_classes
         self.margin = margin if margin is not None else CosFace()
         self.sample_rate, self.reduction, self.backend, self.validate = sample_rate, reduction, backend, validate
-        self.process_group, self.ddp_backbone = process_group, ddp_backbone
+        self.process_group, self.ddp_backbone, self.memory_budget = process_group, ddp_backbone, memory_budget
         self.world_size, self.rank = world(process_group)
         self.class_start, self.class_stop = shard_bounds(num_classes, self.world_size, self.rank)
         self.seed = seed if seed is not None else self._shared_random_seed()
@@ -131,7 +137,8 @@ class PartialFCLoss(nn.Module):
                 embeddings, self.weight, labels, self.margin, self.class_start, self.num_classes,
                 sample_rate=self.sample_rate, generator=self._sampler() if self.sample_rate < 1.0 else None,
                 reduction=self.reduction, backend=self.backend, group=self.process_group,
-                embedding_grad_scale=float(self.world_size) if self.ddp_backbone else 1.0, validate=self.validate)
+                embedding_grad_scale=float(self.world_size) if self.ddp_backbone else 1.0, validate=self.validate,
+                memory_budget=self.memory_budget)
         check_shapes(embeddings, labels, self.weight)
         if self.validate and labels.numel() > 0:
             check_values(embeddings, labels, self.num_classes)
@@ -140,7 +147,8 @@ class PartialFCLoss(nn.Module):
         if self.sample_rate < 1.0 and labels.numel() > 0:
             index, target_pos = sample_centers(labels, self.num_classes, self.sample_rate, self._sampler())
         return partial_fc_loss(embeddings, self.weight, labels, self.margin, index, target_pos,
-                               self.reduction, self.backend, validate=False)  # checked above
+                               self.reduction, self.backend, validate=False,  # checked above
+                               memory_budget=self.memory_budget)
 
     def _sampler(self) -> torch.Generator:
         """This rank's sampling generator on the weight's device, created (and restored) on first use."""
@@ -185,4 +193,5 @@ class PartialFCLoss(nn.Module):
     def extra_repr(self) -> str:
         shard = f", classes [{self.class_start}, {self.class_stop}) of rank {self.rank}" if self.sharded else ""
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, margin={self.margin}, "
-                f"sample_rate={self.sample_rate}, reduction={self.reduction!r}, backend={self.backend!r}{shard}")
+                f"sample_rate={self.sample_rate}, reduction={self.reduction!r}, backend={self.backend!r}, "
+                f"memory_budget={self.memory_budget}{shard}")

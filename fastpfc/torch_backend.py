@@ -1,7 +1,12 @@
 """Chunked PyTorch backend: the fused kernels' math, one block of sampled classes at a time.
 
-Peak extra memory is O(B * chunk) (plus the gradient of the weight itself), never O(B * C):
-the forward keeps a running log-sum-exp, the backward recomputes each block of cosines.
+The forward computes each block's logits, their row maximum ``m`` and softmax numerators
+``exp(logit - m)`` (all at most 1), and folds the block into a running log-sum-exp. The backward
+needs ``dL/dcos = g * s * exp(logit - lse)``, which is the stored numerators times
+``g * s * exp(m - lse)`` per row. Blocks whose numerators fit in ``memory_budget`` bytes keep
+them for the backward, which then does two matmuls per block (the two gradients); the others are
+recomputed there (three matmuls). With the default budget of 0 the peak extra memory is
+O(B * chunk) (plus the gradient of the weight itself), never O(B * C).
 Computes in fp32, or fp64 for fp64 inputs (which makes ``gradcheck`` possible).
 """
 
@@ -42,18 +47,31 @@ def _scatter_target(block: torch.Tensor, target_pos: torch.Tensor, start: int, v
     block.scatter_(1, column, torch.where(inside, value.to(block.dtype), current)[:, None])
 
 
-def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale):
-    """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`)."""
+def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget=0):
+    """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`).
+
+    ``saved`` holds, for the first blocks that fit in ``memory_budget`` bytes, their softmax
+    numerators [B, chunk] and row maxima [B], in pairs.
+    """
     x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
     num_cols = weight.shape[0] if index is None else index.shape[0]
     starts, chunk = _chunk_bounds(x.shape[0], num_cols)
     lse = torch.full((x.shape[0],), float("-inf"), dtype=x_unit.dtype, device=x.device)
+    saved, budget_left = [], memory_budget
     for start in starts:
         w = _centers(weight, index, start, start + chunk).to(x_unit.dtype)
         logits = (x_unit @ w.T).mul_(inv_norms(w)[None, :] * scale)
         _scatter_target(logits, target_pos, start, target_logit)
-        lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
-    return lse, ()
+        block_max = logits.amax(dim=1)
+        numerators = logits.sub_(block_max[:, None]).exp_()
+        lse = torch.logaddexp(lse, block_max + numerators.sum(dim=1).log())
+        size = numerators.numel() * numerators.element_size()
+        if size <= budget_left:
+            saved += [numerators, block_max]
+            budget_left -= size
+        else:
+            budget_left = -1  # the stored blocks are a prefix: block i is saved[2 * i: 2 * i + 2]
+    return lse, tuple(saved)
 
 
 def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
@@ -64,12 +82,16 @@ def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, gra
     grad_weight = torch.zeros_like(weight) if need_weight else None
     num_cols = weight.shape[0] if index is None else index.shape[0]
     starts, chunk = _chunk_bounds(x.shape[0], num_cols)
-    for start in starts:
+    for block, start in enumerate(starts):
         w = _centers(weight, index, start, start + chunk).to(x_unit.dtype)
         w_inv_norm = inv_norms(w)
         w_unit = w * w_inv_norm[:, None]
-        # dL/dcos, built in place in the cosine block; the target column comes from the margin.
-        grad_cos = (x_unit @ w_unit.T).mul_(scale).sub_(lse[:, None]).exp_().mul_((grad_lse * scale)[:, None])
+        # dL/dcos; the target column comes from the margin.
+        if 2 * block < len(saved):  # from the stored numerators
+            numerators, block_max = saved[2 * block], saved[2 * block + 1]
+            grad_cos = numerators * (block_max - lse).exp_().mul_(grad_lse * scale)[:, None]
+        else:  # recomputed, in place in the cosine block
+            grad_cos = (x_unit @ w_unit.T).mul_(scale).sub_(lse[:, None]).exp_().mul_((grad_lse * scale)[:, None])
         _scatter_target(grad_cos, target_pos, start, grad_target_cos)
         if grad_unit_x is not None:
             grad_unit_x.addmm_(grad_cos, w_unit)

@@ -22,8 +22,12 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor) -> None:
                             "use backend='torch' for float64")
 
 
-def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale):
-    """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`)."""
+def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget):
+    """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`).
+    The kernels keep nothing for the backward, which recomputes the cosines."""
+    if memory_budget:
+        raise NotImplementedError("memory_budget > 0 is implemented by backend='torch' only so far; the Triton "
+                                  "kernels recompute the cosines in the backward (use memory_budget=0)")
     config = default_config(x.device, x.shape[1])
     w_inv_norm = row_inv_norms(weight, index)
     partials = partial_lse(x, weight, index, x_inv_norm, w_inv_norm, target_pos, target_logit.float().contiguous(),

@@ -178,3 +178,44 @@ def test_empty_batch_and_empty_shard(backend):
     x.requires_grad_()
     lse, _ = margin_softmax(x, w, no_classes, torch.full((6,), -1, device=DEVICE), CosFace(), backend)
     assert torch.all(lse == float("-inf"))
+
+
+@pytest.mark.parametrize("blocks_stored", [1, 3])  # the first block only, then all of them
+@pytest.mark.parametrize("margin", [MARGINS[1], MARGINS[2]], ids=repr)
+def test_stored_numerators_match_float64_reference(monkeypatch, margin, blocks_stored):
+    """The torch backend with a memory budget: the first blocks' softmax numerators come from the
+    forward, the rest are recomputed; both against float64, with and without sampling."""
+    monkeypatch.setattr(fastpfc.torch_backend, "_BLOCK_ELEMENTS", 37 * 29)  # blocks of 29 classes
+    monkeypatch.setattr(fastpfc.torch_backend, "_MIN_CHUNK", 1)
+    budget = blocks_stored * 37 * 29 * 4  # fp32 numerators
+    for num_sampled in (None, 45):
+        p = make_problem(batch=37, num_classes=83, dim=40, num_sampled=num_sampled, seed=12)
+        x_unit = torch.nn.functional.normalize(p["x"].float())
+        target_pos = p["labels"] if p["index"] is None else torch.searchsorted(p["index"], p["labels"])
+        _, saved = fastpfc.torch_backend.forward_lse(
+            x_unit, p["w"].float(), p["index"], x_unit.new_ones(37), target_pos, x_unit.new_zeros(37), 1.0, budget)
+        num_blocks = -(-(83 if p["index"] is None else len(p["index"])) // 29)
+        assert len(saved) == 2 * min(blocks_stored, num_blocks) and num_blocks > 1
+
+        def ours(x, w, p=p):
+            return partial_fc_loss(x, w, p["labels"], margin, p["index"], reduction="none", backend="torch",
+                                   memory_budget=budget)
+
+        def reference(x, w, p=p):
+            return reference_partial_fc_loss(x, w, p["labels"], margin, p["index"], reduction="none")
+
+        expected = loss_and_grads(reference, p["x"], p["w"])
+        actual = loss_and_grads(ours, p["x"].float(), p["w"].float())
+        for name, a, e in zip(("loss", "grad_x", "grad_w"), actual, expected, strict=True):
+            assert max_rel_error(a, e) < 2e-5, name
+
+
+def test_stored_numerators_gradcheck(monkeypatch):
+    monkeypatch.setattr(fastpfc.torch_backend, "_BLOCK_ELEMENTS", 12)
+    monkeypatch.setattr(fastpfc.torch_backend, "_MIN_CHUNK", 1)
+    p = make_problem(batch=5, num_classes=11, dim=6, num_sampled=4, seed=13, device=torch.device("cpu"))
+    inputs = (p["x"].requires_grad_(), p["w"].requires_grad_())
+    margin = CombinedMargin(s=2.0, m1=1.3, m2=0.2, m3=0.1)
+    assert torch.autograd.gradcheck(  # blocks of 2 classes, the first 2 of them stored (fp64)
+        lambda x, w: partial_fc_loss(x, w, p["labels"], margin, p["index"], backend="torch",
+                                     memory_budget=2 * 5 * 2 * 8), inputs)

@@ -41,3 +41,15 @@ def test_peak_memory_is_far_below_one_logits_matrix(backend, batch, num_classes,
     ours = _train_step_peak(lambda *a: partial_fc_loss(*a, backend=backend), batch, num_classes, dim)
     assert reference > 2 * logits_bytes, "the measurement should see the reference's [B, C] buffers"
     assert ours < 0.3 * logits_bytes, f"{ours / 2**20:.1f} MiB vs one [B, C] buffer of {logits_bytes / 2**20:.1f} MiB"
+
+
+def test_torch_backend_keeps_within_its_memory_budget():
+    """With a budget of half a [B, C] buffer, the torch backend stores about that much for the
+    backward (the numerators of whole class blocks), and no more."""
+    batch, num_classes, dim = 256, 100_000, 8
+    logits_bytes = batch * num_classes * 4
+    budget = logits_bytes // 2
+    lean = _train_step_peak(lambda *a: partial_fc_loss(*a, backend="torch"), batch, num_classes, dim)
+    stored = _train_step_peak(lambda *a: partial_fc_loss(*a, backend="torch", memory_budget=budget), batch,
+                              num_classes, dim)
+    assert 0.8 * budget < stored - lean < budget + 0.1 * logits_bytes, (lean, stored, budget)

@@ -74,7 +74,8 @@ def test_validate_false_skips_value_checks(monkeypatch):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(sample_rate=0.0), "sample_rate"), (dict(sample_rate=1.5), "sample_rate"),
     (dict(reduction="avg"), "reduction"), (dict(backend="cuda"), "backend"),
-    (dict(num_classes=0), "positive"),
+    (dict(num_classes=0), "positive"), (dict(memory_budget=-1), "memory_budget"),
+    (dict(memory_budget=1.5), "memory_budget"),
 ])
 def test_bad_constructor_arguments(kwargs, match):
     args = dict(embedding_size=8, num_classes=20) | kwargs
@@ -110,3 +111,9 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
         partial_fc_loss(torch.randn(4, 8), torch.randn(20, 8), torch.arange(4), CosFace(), backend="triton")
 
 
+
+
+def test_triton_backend_refuses_a_memory_budget():
+    with pytest.raises(NotImplementedError, match="memory_budget > 0 is implemented by backend='torch' only"):
+        partial_fc_loss(torch.randn(4, 8), torch.randn(20, 8), torch.arange(4), CosFace(), backend="triton",
+                        memory_budget=1 << 20)

@@ -84,7 +84,7 @@ def compile_sm90(name: str, x_dtype: torch.dtype, w_dtype: torch.dtype, config: 
                  has_index: bool = True):
     """``triton.compile`` of kernel ``name`` for sm_90 with ``config``'s tiles."""
     kernel = KERNELS[name]
-    constants = {"HAS_INDEX": has_index, "BLOCK_B": config.block_b, "BLOCK_C": config.block_c,
+    constants = {"HAS_INDEX": has_index, "STORE": False, "BLOCK_B": config.block_b, "BLOCK_C": config.block_c,
                  "BLOCK_D": config.block_d, "BLOCK_D_OUT": config.block_d_out, "DOT_DTYPE": _DOT_DTYPES[x_dtype],
                  "INPUT_PRECISION": "ieee" if x_dtype == torch.float32 else None}
     constexprs = {(kernel.arg_names.index(k),): v for k, v in constants.items() if k in kernel.arg_names}

@@ -117,10 +117,10 @@ def margin_softmax(
             (a row whose class lives on another rank).
         margin: a :class:`fastpfc.margins.Margin`.
         backend: ``'auto'``, ``'triton'`` or ``'torch'``.
-        memory_budget: bytes the backward may keep from the forward. The torch backend keeps the
-            softmax numerators of as many class blocks as fit (``B * block`` values each) and
-            skips recomputing their cosines, a third of its backward matmul work; 0 keeps nothing
-            ``[B, C]``-sized. The Triton backend takes only 0 so far.
+        memory_budget: bytes the backward may keep from the forward: the softmax numerators of as
+            many leading class blocks as fit (``B`` values per class; fp32, or bf16 for fp16/bf16
+            embeddings on the Triton backend), whose gradients then need two matmuls instead of
+            three (cosines not recomputed). 0 keeps nothing ``[B, C]``-sized.
 
     Returns:
         ``lse``: [B] fp32 (fp64 for fp64 inputs), the per-row LSE over these classes. Over shards

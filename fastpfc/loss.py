@@ -71,10 +71,9 @@ class PartialFCLoss(nn.Module):
             the same on every rank).
         ddp_backbone: when sharded, scale the embeddings' gradient by the world size, so that a
             backbone under DDP (which averages gradients) gets the single-process gradient.
-        memory_budget: bytes the backward may keep from the forward (torch backend: the softmax
-            numerators of as many class blocks as fit, a third less backward matmul work for
-            them); 0, the default, keeps nothing ``[B, C]``-sized. See
-            :func:`fastpfc.functional.margin_softmax`.
+        memory_budget: bytes the backward may keep from the forward (the softmax numerators of as
+            many class blocks as fit, a third less backward matmul work for them); 0, the
+            default, keeps nothing ``[B, C]``-sized. See :func:`fastpfc.functional.margin_softmax`.
 
     Attributes:
         weight: ``nn.Parameter`` [num_classes, embedding_size] (this rank's shard

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from .normalize import inv_norms, normalize_backward
+from .normalize import inv_norms
+from .softmax_blocks import add_block_gradients, centers, grad_from_numerators, scatter_target
 
 #: Elements of one [B, chunk] block; a few such blocks are alive at once.
 _BLOCK_ELEMENTS = 1 << 20
@@ -25,46 +26,31 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor) -> None:
     """Every floating dtype and device works here."""
 
 
-def _chunk_bounds(batch: int, num_cols: int) -> tuple[range, int]:
-    """Block starts over the sampled columns, and the block width."""
+def chunk_bounds(batch: int, num_cols: int, multiple_of: int = 1) -> tuple[range, int]:
+    """Block starts over the sampled columns, and the block width (a multiple of ``multiple_of``)."""
     chunk = max(_MIN_CHUNK, _BLOCK_ELEMENTS // max(batch, 1))
+    chunk = max(multiple_of, chunk // multiple_of * multiple_of)
     return range(0, num_cols, chunk), chunk
 
 
-def _centers(weight: torch.Tensor, index: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
-    return weight[start:stop] if index is None else weight[index[start:stop]]
-
-
-def _scatter_target(block: torch.Tensor, target_pos: torch.Tensor, start: int, value: torch.Tensor) -> None:
-    """Set ``block[b, target_pos[b] - start] = value[b]`` for rows whose target falls in this block.
-
-    Works without a host sync: other rows rewrite their own current value.
-    """
-    local = target_pos - start
-    inside = (local >= 0) & (local < block.shape[1])
-    column = local.clamp(0, block.shape[1] - 1)[:, None]
-    current = block.gather(1, column).squeeze(1)
-    block.scatter_(1, column, torch.where(inside, value.to(block.dtype), current)[:, None])
-
-
-def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget=0):
+def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget):
     """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`).
 
     ``saved`` holds, for the first blocks that fit in ``memory_budget`` bytes, their softmax
-    numerators [B, chunk] and row maxima [B], in pairs.
+    numerators [B, chunk] and row maxima [B, 1], in pairs.
     """
     x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
     num_cols = weight.shape[0] if index is None else index.shape[0]
-    starts, chunk = _chunk_bounds(x.shape[0], num_cols)
+    starts, chunk = chunk_bounds(x.shape[0], num_cols)
     lse = torch.full((x.shape[0],), float("-inf"), dtype=x_unit.dtype, device=x.device)
     saved, budget_left = [], memory_budget
     for start in starts:
-        w = _centers(weight, index, start, start + chunk).to(x_unit.dtype)
+        w = centers(weight, index, start, start + chunk).to(x_unit.dtype)
         logits = (x_unit @ w.T).mul_(inv_norms(w)[None, :] * scale)
-        _scatter_target(logits, target_pos, start, target_logit)
-        block_max = logits.amax(dim=1)
-        numerators = logits.sub_(block_max[:, None]).exp_()
-        lse = torch.logaddexp(lse, block_max + numerators.sum(dim=1).log())
+        scatter_target(logits, target_pos, start, target_logit)
+        block_max = logits.amax(dim=1, keepdim=True)
+        numerators = logits.sub_(block_max).exp_()
+        lse = torch.logaddexp(lse, block_max.squeeze(1) + numerators.sum(dim=1).log())
         size = numerators.numel() * numerators.element_size()
         if size <= budget_left:
             saved += [numerators, block_max]
@@ -81,24 +67,17 @@ def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, gra
     grad_unit_x = torch.zeros_like(x_unit) if need_x else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
     num_cols = weight.shape[0] if index is None else index.shape[0]
-    starts, chunk = _chunk_bounds(x.shape[0], num_cols)
+    starts, chunk = chunk_bounds(x.shape[0], num_cols)
     for block, start in enumerate(starts):
-        w = _centers(weight, index, start, start + chunk).to(x_unit.dtype)
+        w = centers(weight, index, start, start + chunk).to(x_unit.dtype)
         w_inv_norm = inv_norms(w)
-        w_unit = w * w_inv_norm[:, None]
         # dL/dcos; the target column comes from the margin.
         if 2 * block < len(saved):  # from the stored numerators
             numerators, block_max = saved[2 * block], saved[2 * block + 1]
-            grad_cos = numerators * (block_max - lse).exp_().mul_(grad_lse * scale)[:, None]
+            grad_cos = grad_from_numerators(numerators, block_max, chunk, lse, grad_lse, scale)
         else:  # recomputed, in place in the cosine block
-            grad_cos = (x_unit @ w_unit.T).mul_(scale).sub_(lse[:, None]).exp_().mul_((grad_lse * scale)[:, None])
-        _scatter_target(grad_cos, target_pos, start, grad_target_cos)
-        if grad_unit_x is not None:
-            grad_unit_x.addmm_(grad_cos, w_unit)
-        if grad_weight is not None:
-            grad_w = normalize_backward(grad_cos.T @ x_unit, w, w_inv_norm).to(weight.dtype)
-            if index is None:
-                grad_weight[start:start + chunk] = grad_w
-            else:
-                grad_weight.index_copy_(0, index[start:start + chunk], grad_w)
+            grad_cos = (x_unit @ (w * w_inv_norm[:, None]).T).mul_(scale).sub_(lse[:, None]).exp_()
+            grad_cos.mul_((grad_lse * scale)[:, None])
+        scatter_target(grad_cos, target_pos, start, grad_target_cos)
+        add_block_gradients(grad_cos, x_unit, w, w_inv_norm, index, start, grad_unit_x, grad_weight)
     return grad_unit_x, grad_weight

@@ -8,9 +8,12 @@ Problem, for a batch row ``b`` and a sampled class position ``c`` (``rows = inde
     lse[b]      = logsumexp_c logit[b, c]
 
 The ``[B, C]`` logits are never stored. The forward writes one LSE per (class split, row), which
-the caller combines (and which the distributed layer combines across ranks). The backward
-recomputes the cosine tiles and reduces the softmax gradient twice, once per output, each in a
-fixed order, so results are bitwise reproducible without atomics:
+the caller combines (and which the distributed layer combines across ranks); with ``STORE`` it
+also writes the softmax numerators ``exp(logit - tile max)`` of the first ``stored_cols`` columns
+and the tile maxima, from which the caller gets those columns' gradients with two matmuls. For
+the other columns the backward recomputes the cosine tiles and reduces the softmax gradient
+twice, once per output, each in a fixed order, so results are bitwise reproducible without
+atomics:
 
 * embedding side: ``u[b] = sum_c G[b, c] * W[rows[c]] / ||W[rows[c]]||`` per class split;
 * center side: ``v[c] = sum_b G[b, c] * x_b / ||x_b||`` and ``k[c] = sum_b G[b, c] * cos[b, c]``,
@@ -36,9 +39,10 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 @triton.jit
 def _partial_lse_kernel(
     x_ptr, w_ptr, index_ptr, x_inv_norm_ptr, w_inv_norm_ptr, target_pos_ptr, target_logit_ptr, out_ptr,
-    batch, num_cols, dim, stride_x, stride_w, cols_per_split, scale,
-    HAS_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    numerators_ptr, tile_max_ptr,
+    batch, num_cols, dim, stride_x, stride_w, cols_per_split, scale, stored_cols,
+    HAS_INDEX: tl.constexpr, STORE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
     offs_b = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
@@ -56,9 +60,19 @@ def _partial_lse_kernel(
                           x_inv_norm, w_inv_norm, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
         logits = tl.where(offs_c[None, :] == target_pos[:, None], target_logit[:, None], scale * cos)
         logits = tl.where(mask_c[None, :], logits, float("-inf"))
-        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
-        running_sum = running_sum * tl.exp(running_max - new_max) + tl.sum(tl.exp(logits - new_max[:, None]), axis=1)
+        tile_max = tl.max(logits, axis=1)
+        numerators = tl.exp(logits - tile_max[:, None])
+        new_max = tl.maximum(running_max, tile_max)
+        running_sum = (running_sum * tl.exp(running_max - new_max)
+                       + tl.sum(numerators, axis=1) * tl.exp(tile_max - new_max))
         running_max = new_max
+        if STORE:
+            if c0 < stored_cols:  # the first stored_cols columns keep their numerators for the backward
+                tl.store(numerators_ptr + offs_b[:, None] * stored_cols + offs_c[None, :],
+                         numerators.to(numerators_ptr.dtype.element_ty),
+                         mask=mask_b[:, None] & (offs_c < stored_cols)[None, :])
+                num_tiles = tl.cdiv(stored_cols, BLOCK_C)
+                tl.store(tile_max_ptr + offs_b * num_tiles + c0 // BLOCK_C, tile_max, mask=mask_b)
     tl.store(out_ptr + split * batch + offs_b, running_max + tl.log(running_sum), mask=mask_b)
 
 
@@ -146,8 +160,10 @@ def partial_lse(
     x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
     x_inv_norm: torch.Tensor, w_inv_norm: torch.Tensor,
     target_pos: torch.Tensor, target_logit: torch.Tensor, scale: float, config: TileConfig,
+    numerators: torch.Tensor | None = None, tile_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-split log-sum-exp of the margin logits.
+    """Per-split log-sum-exp of the margin logits, optionally keeping the softmax numerators of
+    the first columns for the backward.
 
     Args:
         x: embeddings [B, D] (fp32/fp16/bf16, unit stride in D).
@@ -157,6 +173,9 @@ def partial_lse(
         target_pos: int64 [B], position of each row's target in ``0..C-1``, or -1 for none.
         target_logit: fp32 [B], the margin-adjusted target logit substituted at ``target_pos``.
         scale: the logit scale ``s`` applied to non-target cosines.
+        numerators: ``None``, or [B, S] (contiguous, any float dtype) to fill with
+            ``exp(logit[b, c] - tile_max[b, c // BLOCK_C])`` for the first S columns.
+        tile_max: [B, ceil(S / BLOCK_C)] fp32, filled with the largest logit of each row and tile.
 
     Returns:
         fp32 [num_splits, B]; ``torch.logsumexp(result, 0)`` is the row LSE over all C columns.
@@ -169,10 +188,13 @@ def partial_lse(
     cols_per_split = split_columns(num_cols, row_tiles, config, x.device)
     num_splits = triton.cdiv(num_cols, cols_per_split)
     out = torch.empty(num_splits, batch, dtype=torch.float32, device=x.device)
+    store = numerators is not None
     _partial_lse_kernel[(row_tiles, num_splits)](
         x, weight, index if index is not None else target_pos, x_inv_norm, w_inv_norm, target_pos,
-        target_logit, out, batch, num_cols, dim, x.stride(0), weight.stride(0), cols_per_split, scale,
-        HAS_INDEX=index is not None, **_launch_options(config), **_dot_options(x),
+        target_logit, out, numerators if store else out, tile_max if store else out,
+        batch, num_cols, dim, x.stride(0), weight.stride(0), cols_per_split, scale,
+        numerators.shape[1] if store else 0,
+        HAS_INDEX=index is not None, STORE=store, **_launch_options(config), **_dot_options(x),
     )
     return out
 

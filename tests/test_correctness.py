@@ -180,6 +180,20 @@ def test_empty_batch_and_empty_shard(backend):
     assert torch.all(lse == float("-inf"))
 
 
+def _loss_and_grads_against_float64(p, margin, **options) -> tuple[torch.Tensor, ...]:
+    """fp32 loss and gradients of ``partial_fc_loss(**options)`` on problem ``p``, checked against
+    the float64 reference; returned for further checks."""
+    expected = loss_and_grads(
+        lambda x, w: reference_partial_fc_loss(x, w, p["labels"], margin, p["index"], reduction="none"),
+        p["x"], p["w"])
+    actual = loss_and_grads(
+        lambda x, w: partial_fc_loss(x, w, p["labels"], margin, p["index"], reduction="none", **options),
+        p["x"].float(), p["w"].float())
+    for name, a, e in zip(("loss", "grad_x", "grad_w"), actual, expected, strict=True):
+        assert max_rel_error(a, e) < 2e-5, name
+    return actual
+
+
 @pytest.mark.parametrize("blocks_stored", [1, 3])  # the first block only, then all of them
 @pytest.mark.parametrize("margin", [MARGINS[1], MARGINS[2]], ids=repr)
 def test_stored_numerators_match_float64_reference(monkeypatch, margin, blocks_stored):
@@ -196,18 +210,7 @@ def test_stored_numerators_match_float64_reference(monkeypatch, margin, blocks_s
             x_unit, p["w"].float(), p["index"], x_unit.new_ones(37), target_pos, x_unit.new_zeros(37), 1.0, budget)
         num_blocks = -(-(83 if p["index"] is None else len(p["index"])) // 29)
         assert len(saved) == 2 * min(blocks_stored, num_blocks) and num_blocks > 1
-
-        def ours(x, w, p=p):
-            return partial_fc_loss(x, w, p["labels"], margin, p["index"], reduction="none", backend="torch",
-                                   memory_budget=budget)
-
-        def reference(x, w, p=p):
-            return reference_partial_fc_loss(x, w, p["labels"], margin, p["index"], reduction="none")
-
-        expected = loss_and_grads(reference, p["x"], p["w"])
-        actual = loss_and_grads(ours, p["x"].float(), p["w"].float())
-        for name, a, e in zip(("loss", "grad_x", "grad_w"), actual, expected, strict=True):
-            assert max_rel_error(a, e) < 2e-5, name
+        _loss_and_grads_against_float64(p, margin, backend="torch", memory_budget=budget)
 
 
 def test_stored_numerators_gradcheck(monkeypatch):
@@ -219,3 +222,20 @@ def test_stored_numerators_gradcheck(monkeypatch):
     assert torch.autograd.gradcheck(  # blocks of 2 classes, the first 2 of them stored (fp64)
         lambda x, w: partial_fc_loss(x, w, p["labels"], margin, p["index"], backend="torch",
                                      memory_budget=2 * 5 * 2 * 8), inputs)
+
+
+@pytest.mark.parametrize("stored_tiles", [2, 6])  # of the 16-column tiles: some, then all of them
+def test_triton_stored_numerators_match_float64_reference(monkeypatch, stored_tiles):
+    """The Triton forward keeps the numerators of the first columns (in several 16-column blocks
+    for the PyTorch side); the kernels recompute the rest. Deterministic run to run."""
+    from fastpfc import triton_backend
+    from fastpfc.kernels import TileConfig
+    monkeypatch.setattr(triton_backend, "default_config", lambda device, dim: TileConfig(**SMALL_TILES))
+    monkeypatch.setattr(fastpfc.torch_backend, "_BLOCK_ELEMENTS", 37 * 20)  # 16-column blocks of numerators
+    monkeypatch.setattr(fastpfc.torch_backend, "_MIN_CHUNK", 1)
+    budget = stored_tiles * 37 * (16 * 4 + 4)  # fp32 numerators and one tile maximum per row and tile
+    for margin, num_sampled in ((MARGINS[1], None), (MARGINS[2], 45)):
+        p = make_problem(batch=37, num_classes=83, dim=40, num_sampled=num_sampled, seed=14)
+        first = _loss_and_grads_against_float64(p, margin, backend="triton", memory_budget=budget)
+        again = _loss_and_grads_against_float64(p, margin, backend="triton", memory_budget=budget)
+        assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))

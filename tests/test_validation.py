@@ -109,11 +109,3 @@ def test_triton_backend_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setattr(fastpfc.triton_backend, "INTERPRET", False)
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
         partial_fc_loss(torch.randn(4, 8), torch.randn(20, 8), torch.arange(4), CosFace(), backend="triton")
-
-
-
-
-def test_triton_backend_refuses_a_memory_budget():
-    with pytest.raises(NotImplementedError, match="memory_budget > 0 is implemented by backend='torch' only"):
-        partial_fc_loss(torch.randn(4, 8), torch.randn(20, 8), torch.arange(4), CosFace(), backend="triton",
-                        memory_budget=1 << 20)

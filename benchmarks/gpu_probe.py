@@ -1,0 +1,217 @@
+"""``python -m benchmarks.gpu_probe --out DIR``: what a lent GPU should tell us, in one command.
+
+At the headline shape (B=1024, D=512, 400k classes, bf16 embeddings; fp32 and bf16 weights):
+
+1. the device's ceilings: a bf16 matmul (TFLOP/s) and a device-to-device copy (GB/s);
+2. per-kernel medians (``triton.testing.do_bench``) at the default tiles, and a sweep of
+   candidate tiles for the three margin-softmax kernels;
+3. one training step (forward + backward) of fastpfc (``memory_budget`` 0 and everything stored),
+   of the eager reference and of the ``torch.compile``d reference: median time, peak extra
+   memory, and whether fastpfc is bitwise the same run to run;
+4. fastpfc and the reference at C = 1M and 2M.
+
+Each measurement is appended to ``DIR/probe.jsonl`` as soon as it is taken (a timeout keeps what
+was measured); ``DIR/probe.md`` is the table of them all. Steps that would start after
+``--budget-s`` seconds are recorded as skipped. ``--dry-run`` runs every step at tiny sizes on
+whatever device there is (the Triton kernels under ``TRITON_INTERPRET=1`` on a CPU): the test of
+this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from benchmarks.harness import MARGIN, is_out_of_memory, synchronize
+from fastpfc import partial_fc_loss, reference_partial_fc_loss
+from fastpfc.kernels import (
+    INTERPRET,
+    TileConfig,
+    default_config,
+    grad_centers_,
+    grad_embeddings_partial,
+    partial_lse,
+    row_inv_norms,
+)
+from fastpfc.profiling import peak_memory
+
+HEADLINE = {"batch": 1024, "dim": 512, "classes": 400_000}
+DRY = {"batch": 40, "dim": 24, "classes": 300}
+LARGE_CLASSES = (1_000_000, 2_000_000)
+#: Tile candidates for sm_90 (the default first); the dry run takes small ones the interpreter runs fast.
+CANDIDATES = [None] + [TileConfig(block_b=b, block_c=c, block_d=64, block_d_out=o, num_warps=w, num_stages=s)
+                       for b, c, o, w, s in [(64, 128, 256, 8, 3), (128, 64, 256, 8, 3), (128, 128, 128, 8, 3),
+                                             (64, 64, 128, 4, 4), (128, 128, 256, 8, 4), (64, 256, 128, 8, 3)]]
+DRY_CANDIDATES = [None, TileConfig(block_b=64, block_c=128, block_d=32, block_d_out=32, num_splits=2)]
+
+
+class Probe:
+    """Appends measurements to ``probe.jsonl`` and keeps to the time budget."""
+
+    def __init__(self, out: Path, budget_s: float) -> None:
+        self.out, self.deadline = out, time.monotonic() + budget_s
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "probe.jsonl"
+        self.path.write_text("")
+
+    def record(self, step: str, **fields) -> None:
+        line = json.dumps({"step": step, **fields})
+        print(line, flush=True)
+        with open(self.path, "a") as f:
+            f.write(line + "\n")
+
+    def run(self, step: str, measure: Callable[[], dict], **fields) -> None:
+        """``measure()``'s fields recorded under ``step``; out-of-time, OOM and errors recorded too."""
+        if time.monotonic() > self.deadline:
+            self.record(step, **fields, skipped="time budget")
+            return
+        try:
+            self.record(step, **fields, **measure())
+        except Exception as error:  # noqa: BLE001 - a probe records what failed and goes on
+            self.record(step, **fields, error="out of memory" if is_out_of_memory(error) else repr(error)[:300])
+        finally:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, reps: int) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` on a GPU, wall clock otherwise."""
+    if device.type == "cuda" and not INTERPRET:
+        from triton.testing import do_bench
+        return float(do_bench(fn, warmup=5, rep=100, return_mode="median"))
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def ceilings(device: torch.device, dry: bool, reps: int) -> dict:
+    n = 256 if dry else 8192
+    a, b = (torch.randn(n, n, device=device, dtype=torch.bfloat16) for _ in range(2))
+    matmul = median_ms(lambda: a @ b, device, reps)
+    src = torch.empty(2**22 if dry else 2**28, device=device)  # 16 MiB / 1 GiB of fp32
+    dst = torch.empty_like(src)
+    copy = median_ms(lambda: dst.copy_(src), device, reps)
+    return {"bf16_matmul_tflops": 2 * n**3 / matmul / 1e9, "copy_gb_s": 2 * src.numel() * 4 / copy / 1e6}
+
+
+def kernel_inputs(shape: dict, weight_dtype: torch.dtype, device: torch.device) -> dict:
+    """What the launchers take, for a full softmax over ``shape['classes']`` centers."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    batch, dim, classes = shape["batch"], shape["dim"], shape["classes"]
+    x = torch.randn(batch, dim, generator=gen, device=device).bfloat16()
+    w = (torch.randn(classes, dim, generator=gen, device=device) * 0.01).to(weight_dtype)
+    labels = torch.randint(0, classes, (batch,), generator=gen, device=device)
+    x_inv_norm = row_inv_norms(x)
+    return {"x": x, "w": w, "labels": labels, "x_inv_norm": x_inv_norm, "w_inv_norm": row_inv_norms(w),
+            "target_logit": torch.zeros(batch, device=device), "lse": torch.full((batch,), 10.0, device=device),
+            "grad_lse": torch.full((batch,), 1.0 / batch, device=device),
+            "grad_target_cos": torch.full((batch,), -1.0 / batch, device=device)}
+
+
+def kernel_times(k: dict, config: TileConfig, device: torch.device, reps: int) -> dict:
+    """Median ms of each kernel with ``config``, and the work they do at this shape."""
+    common = (k["x"], k["w"], None, k["x_inv_norm"], k["w_inv_norm"], k["labels"])
+    backward = (*common, k["lse"], k["grad_lse"], k["grad_target_cos"], MARGIN.s, config)
+    grad_w = torch.zeros_like(k["w"])
+    times = {
+        "row_inv_norms_ms": median_ms(lambda: row_inv_norms(k["w"]), device, reps),
+        "partial_lse_ms": median_ms(lambda: partial_lse(*common, k["target_logit"], MARGIN.s, config), device, reps),
+        "grad_embeddings_ms": median_ms(lambda: grad_embeddings_partial(*backward), device, reps),
+        "grad_centers_ms": median_ms(lambda: grad_centers_(grad_w, *backward), device, reps),
+    }
+    batch, dim, classes = k["x"].shape[0], k["x"].shape[1], k["w"].shape[0]
+    return times | {"bcd_matmul_gflop": 2 * batch * classes * dim / 1e9,
+                    "config": None if config is None else config.__dict__}
+
+
+def training_step(impl: str, shape: dict, weight_dtype: torch.dtype, device: torch.device, reps: int) -> dict:
+    """Median ms and peak extra bytes of forward + backward of ``impl`` (fastpfc: also bitwise)."""
+    gen = torch.Generator(device=device).manual_seed(1)
+    batch, dim, classes = shape["batch"], shape["dim"], shape["classes"]
+    x = torch.randn(batch, dim, generator=gen, device=device).bfloat16().requires_grad_()
+    w = (torch.randn(classes, dim, generator=gen, device=device) * 0.01).to(weight_dtype).requires_grad_()
+    labels = torch.randint(0, classes, (batch,), generator=gen, device=device)
+    budget = 5 * batch * classes if impl == "fastpfc-stored" else 0  # stored: every numerator
+    reference = (torch.compile(reference_partial_fc_loss, dynamic=False) if impl == "reference-compiled"
+                 else reference_partial_fc_loss)
+
+    def loss_fn() -> torch.Tensor:
+        if impl.startswith("fastpfc"):
+            return partial_fc_loss(x, w, labels, MARGIN, validate=False, memory_budget=budget)
+        return reference(x, w, labels, MARGIN)
+
+    def step() -> tuple[torch.Tensor, ...]:
+        x.grad = w.grad = None
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), x.grad, w.grad
+
+    first = step()  # warm-up: compilation, first-use buffers
+    result = {"ms": median_ms(step, device, reps)}
+    result["tflops_6bcd"] = 6 * batch * classes * dim / result["ms"] / 1e9
+    if device.type == "cuda":
+        result["peak_mb"] = peak_memory(step, device)[1] / 2**20
+    if impl.startswith("fastpfc"):
+        result["bitwise_run_to_run"] = all(torch.equal(a, b) for a, b in zip(first, step(), strict=True))
+    return result
+
+
+def markdown(path: Path) -> str:
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    keys = sorted({k for r in rows for k in r} - {"step", "config"})
+    lines = ["| step | " + " | ".join(keys) + " | config |", "|---" * (len(keys) + 2) + "|"]
+    for r in rows:
+        cells = [r.get(k, "") for k in keys]
+        cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells]
+        lines.append(f"| {r['step']} | " + " | ".join(cells) + f" | {r.get('config', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for probe.jsonl and probe.md")
+    parser.add_argument("--budget-s", type=float, default=480.0, help="start no step after this many seconds")
+    parser.add_argument("--dry-run", action="store_true", help="tiny sizes, any device (a test of the script)")
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dry = args.dry_run
+    shape, candidates, reps = (DRY, DRY_CANDIDATES, 2) if dry else (HEADLINE, CANDIDATES, 5)
+    probe = Probe(args.out, args.budget_s)
+    probe.record("device", name=torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+                 torch=torch.__version__, interpreter=INTERPRET, **shape)
+    probe.run("ceilings", lambda: ceilings(device, dry, reps))
+    for weight_dtype in (torch.float32, torch.bfloat16):
+        k = kernel_inputs(shape, weight_dtype, device)
+        for config in candidates:
+            tiles = config or default_config(device, shape["dim"])
+            probe.run("kernels", lambda tiles=tiles, k=k: kernel_times(k, tiles, device, reps),
+                      weight=str(weight_dtype), default=config is None)
+        del k
+    impls = ["fastpfc", "fastpfc-stored", "reference"] + ([] if dry and device.type != "cuda" else
+                                                          ["reference-compiled"])
+    for weight_dtype in (torch.float32, torch.bfloat16):
+        for impl in impls:
+            probe.run("step", lambda impl=impl, wd=weight_dtype: training_step(impl, shape, wd, device, reps),
+                      impl=impl, weight=str(weight_dtype), classes=shape["classes"])
+    for classes in ((600, 1200) if dry else LARGE_CLASSES):
+        for impl in ("fastpfc", "reference"):
+            probe.run("step", lambda impl=impl, c=classes: training_step(impl, shape | {"classes": c},
+                                                                         torch.float32, device, reps),
+                      impl=impl, weight=str(torch.float32), classes=classes)
+    (args.out / "probe.md").write_text(markdown(probe.path))
+    print(markdown(probe.path))
+
+
+if __name__ == "__main__":
+    main()

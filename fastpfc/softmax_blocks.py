@@ -11,6 +11,17 @@ import torch
 
 from .normalize import normalize_backward
 
+#: Elements of one [B, chunk] block; a few such blocks are alive at once.
+_BLOCK_ELEMENTS = 1 << 20
+_MIN_CHUNK = 128
+
+
+def chunk_bounds(batch: int, num_cols: int, multiple_of: int = 1) -> tuple[range, int]:
+    """Block starts over the sampled columns, and the block width (a multiple of ``multiple_of``)."""
+    chunk = max(_MIN_CHUNK, _BLOCK_ELEMENTS // max(batch, 1))
+    chunk = max(multiple_of, chunk // multiple_of * multiple_of)
+    return range(0, num_cols, chunk), chunk
+
 
 def centers(weight: torch.Tensor, index: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:
     """The center rows of sampled positions ``start .. stop - 1``."""

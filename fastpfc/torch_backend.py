@@ -15,22 +15,11 @@ from __future__ import annotations
 import torch
 
 from .normalize import inv_norms
-from .softmax_blocks import add_block_gradients, centers, grad_from_numerators, scatter_target
-
-#: Elements of one [B, chunk] block; a few such blocks are alive at once.
-_BLOCK_ELEMENTS = 1 << 20
-_MIN_CHUNK = 128
+from .softmax_blocks import add_block_gradients, centers, chunk_bounds, grad_from_numerators, scatter_target
 
 
 def check_tensors(x: torch.Tensor, weight: torch.Tensor) -> None:
     """Every floating dtype and device works here."""
-
-
-def chunk_bounds(batch: int, num_cols: int, multiple_of: int = 1) -> tuple[range, int]:
-    """Block starts over the sampled columns, and the block width (a multiple of ``multiple_of``)."""
-    chunk = max(_MIN_CHUNK, _BLOCK_ELEMENTS // max(batch, 1))
-    chunk = max(multiple_of, chunk // multiple_of * multiple_of)
-    return range(0, num_cols, chunk), chunk
 
 
 def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget):

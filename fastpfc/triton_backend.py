@@ -11,8 +11,7 @@ import torch
 import triton
 
 from .kernels import INTERPRET, default_config, grad_centers_, grad_embeddings_partial, partial_lse, row_inv_norms
-from .softmax_blocks import add_block_gradients, centers, grad_from_numerators, scatter_target
-from .torch_backend import chunk_bounds
+from .softmax_blocks import add_block_gradients, centers, chunk_bounds, grad_from_numerators, scatter_target
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import fastpfc.softmax_blocks
 import fastpfc.torch_backend
 from fastpfc import ArcFace, CombinedMargin, CosFace, Softmax, margin_softmax, partial_fc_loss
 from fastpfc.reference import reference_partial_fc_loss
@@ -23,8 +24,8 @@ def backend(request, monkeypatch):
         from fastpfc.kernels import TileConfig
         monkeypatch.setattr(triton_backend, "default_config", lambda device, dim: TileConfig(**SMALL_TILES))
     else:
-        monkeypatch.setattr(fastpfc.torch_backend, "_BLOCK_ELEMENTS", 37 * 29)
-        monkeypatch.setattr(fastpfc.torch_backend, "_MIN_CHUNK", 1)
+        monkeypatch.setattr(fastpfc.softmax_blocks, "_BLOCK_ELEMENTS", 37 * 29)
+        monkeypatch.setattr(fastpfc.softmax_blocks, "_MIN_CHUNK", 1)
     return request.param
 
 
@@ -143,8 +144,8 @@ def test_bitwise_deterministic(backend):
 
 
 def test_torch_backend_gradcheck(monkeypatch):
-    monkeypatch.setattr(fastpfc.torch_backend, "_BLOCK_ELEMENTS", 12)
-    monkeypatch.setattr(fastpfc.torch_backend, "_MIN_CHUNK", 1)
+    monkeypatch.setattr(fastpfc.softmax_blocks, "_BLOCK_ELEMENTS", 12)
+    monkeypatch.setattr(fastpfc.softmax_blocks, "_MIN_CHUNK", 1)
     p = make_problem(batch=5, num_classes=11, dim=6, num_sampled=4, seed=8, device=torch.device("cpu"))
     target_pos = torch.searchsorted(p["index"], p["labels"])
     target_pos[1] = -1
@@ -199,8 +200,8 @@ def _loss_and_grads_against_float64(p, margin, **options) -> tuple[torch.Tensor,
 def test_stored_numerators_match_float64_reference(monkeypatch, margin, blocks_stored):
     """The torch backend with a memory budget: the first blocks' softmax numerators come from the
     forward, the rest are recomputed; both against float64, with and without sampling."""
-    monkeypatch.setattr(fastpfc.torch_backend, "_BLOCK_ELEMENTS", 37 * 29)  # blocks of 29 classes
-    monkeypatch.setattr(fastpfc.torch_backend, "_MIN_CHUNK", 1)
+    monkeypatch.setattr(fastpfc.softmax_blocks, "_BLOCK_ELEMENTS", 37 * 29)  # blocks of 29 classes
+    monkeypatch.setattr(fastpfc.softmax_blocks, "_MIN_CHUNK", 1)
     budget = blocks_stored * 37 * 29 * 4  # fp32 numerators
     for num_sampled in (None, 45):
         p = make_problem(batch=37, num_classes=83, dim=40, num_sampled=num_sampled, seed=12)
@@ -214,8 +215,8 @@ def test_stored_numerators_match_float64_reference(monkeypatch, margin, blocks_s
 
 
 def test_stored_numerators_gradcheck(monkeypatch):
-    monkeypatch.setattr(fastpfc.torch_backend, "_BLOCK_ELEMENTS", 12)
-    monkeypatch.setattr(fastpfc.torch_backend, "_MIN_CHUNK", 1)
+    monkeypatch.setattr(fastpfc.softmax_blocks, "_BLOCK_ELEMENTS", 12)
+    monkeypatch.setattr(fastpfc.softmax_blocks, "_MIN_CHUNK", 1)
     p = make_problem(batch=5, num_classes=11, dim=6, num_sampled=4, seed=13, device=torch.device("cpu"))
     inputs = (p["x"].requires_grad_(), p["w"].requires_grad_())
     margin = CombinedMargin(s=2.0, m1=1.3, m2=0.2, m3=0.1)
@@ -231,8 +232,8 @@ def test_triton_stored_numerators_match_float64_reference(monkeypatch, stored_ti
     from fastpfc import triton_backend
     from fastpfc.kernels import TileConfig
     monkeypatch.setattr(triton_backend, "default_config", lambda device, dim: TileConfig(**SMALL_TILES))
-    monkeypatch.setattr(fastpfc.torch_backend, "_BLOCK_ELEMENTS", 37 * 20)  # 16-column blocks of numerators
-    monkeypatch.setattr(fastpfc.torch_backend, "_MIN_CHUNK", 1)
+    monkeypatch.setattr(fastpfc.softmax_blocks, "_BLOCK_ELEMENTS", 37 * 20)  # 16-column blocks of numerators
+    monkeypatch.setattr(fastpfc.softmax_blocks, "_MIN_CHUNK", 1)
     budget = stored_tiles * 37 * (16 * 4 + 4)  # fp32 numerators and one tile maximum per row and tile
     for margin, num_sampled in ((MARGINS[1], None), (MARGINS[2], 45)):
         p = make_problem(batch=37, num_classes=83, dim=40, num_sampled=num_sampled, seed=14)

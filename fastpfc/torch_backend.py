@@ -65,7 +65,7 @@ def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, gra
             numerators, block_max = saved[2 * block], saved[2 * block + 1]
             grad_cos = grad_from_numerators(numerators, block_max, chunk, lse, grad_lse, scale)
         else:  # recomputed, in place in the cosine block
-            grad_cos = (x_unit @ (w * w_inv_norm[:, None]).T).mul_(scale).sub_(lse[:, None]).exp_()
+            grad_cos = (x_unit @ w.T).mul_(w_inv_norm[None, :] * scale).sub_(lse[:, None]).exp_()
             grad_cos.mul_((grad_lse * scale)[:, None])
         scatter_target(grad_cos, target_pos, start, grad_target_cos)
         add_block_gradients(grad_cos, x_unit, w, w_inv_norm, index, start, grad_unit_x, grad_weight)

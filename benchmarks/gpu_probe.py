@@ -3,8 +3,8 @@
 At the headline shape (B=1024, D=512, 400k classes, bf16 embeddings; fp32 and bf16 weights):
 
 1. the device's ceilings: a bf16 matmul (TFLOP/s) and a device-to-device copy (GB/s);
-2. per-kernel medians (``triton.testing.do_bench``) at the default tiles, and a sweep of
-   candidate tiles for the three margin-softmax kernels;
+2. per-kernel medians (``triton.testing.do_bench``) of a step's kernels and GEMMs at the default
+   tiles, and a sweep of candidate tiles;
 3. one training step (forward + backward) of fastpfc (``memory_budget`` 0 and everything stored),
    of the eager reference and of the ``torch.compile``d reference: median time, peak extra
    memory, and whether fastpfc is bitwise the same run to run;
@@ -34,21 +34,23 @@ from fastpfc.kernels import (
     INTERPRET,
     TileConfig,
     default_config,
-    grad_centers_,
-    grad_embeddings_partial,
     partial_lse,
-    row_inv_norms,
+    softmax_grad,
+    unit_rows,
+    unit_rows_backward_,
 )
+from fastpfc.kernels.tensors import aligned_empty
 from fastpfc.profiling import peak_memory
+from fastpfc.softmax_blocks import matmul_fp32
 
 HEADLINE = {"batch": 1024, "dim": 512, "classes": 400_000}
 DRY = {"batch": 40, "dim": 24, "classes": 300}
 LARGE_CLASSES = (1_000_000, 2_000_000)
 #: Tile candidates for sm_90 (the default first); the dry run takes small ones the interpreter runs fast.
-CANDIDATES = [None] + [TileConfig(block_b=b, block_c=c, block_d=64, block_d_out=o, num_warps=w, num_stages=s)
-                       for b, c, o, w, s in [(64, 128, 256, 8, 3), (128, 64, 256, 8, 3), (128, 128, 128, 8, 3),
-                                             (64, 64, 128, 4, 4), (128, 128, 256, 8, 4), (64, 256, 128, 8, 3)]]
-DRY_CANDIDATES = [None, TileConfig(block_b=64, block_c=128, block_d=32, block_d_out=32, num_splits=2)]
+CANDIDATES = [None] + [TileConfig(block_b=b, block_c=c, block_d=d, num_warps=w, num_stages=s)
+                       for b, c, d, w, s in [(128, 128, 64, 8, 3), (128, 128, 64, 4, 4), (128, 256, 64, 8, 3),
+                                             (64, 128, 64, 4, 3), (128, 128, 128, 4, 2), (128, 64, 64, 4, 3)]]
+DRY_CANDIDATES = [None, TileConfig(block_b=64, block_c=128, block_d=32, num_splits=2)]
 
 
 class Probe:
@@ -106,31 +108,42 @@ def ceilings(device: torch.device, dry: bool, reps: int) -> dict:
 
 
 def kernel_inputs(shape: dict, weight_dtype: torch.dtype, device: torch.device) -> dict:
-    """What the launchers take, for a full softmax over ``shape['classes']`` centers."""
+    """What the launchers take, for a full softmax over ``shape['classes']`` centers (bf16 operands)."""
     gen = torch.Generator(device=device).manual_seed(0)
     batch, dim, classes = shape["batch"], shape["dim"], shape["classes"]
-    x = torch.randn(batch, dim, generator=gen, device=device).bfloat16()
+    x_unit, _ = unit_rows(torch.randn(batch, dim, generator=gen, device=device), None, torch.bfloat16)
     w = (torch.randn(classes, dim, generator=gen, device=device) * 0.01).to(weight_dtype)
+    w_unit, w_inv_norm = unit_rows(w, None, torch.bfloat16)
     labels = torch.randint(0, classes, (batch,), generator=gen, device=device)
-    x_inv_norm = row_inv_norms(x)
-    return {"x": x, "w": w, "labels": labels, "x_inv_norm": x_inv_norm, "w_inv_norm": row_inv_norms(w),
+    return {"x_unit": x_unit, "w": w, "w_unit": w_unit, "w_inv_norm": w_inv_norm, "labels": labels,
             "target_logit": torch.zeros(batch, device=device), "lse": torch.full((batch,), 10.0, device=device),
             "grad_lse": torch.full((batch,), 1.0 / batch, device=device),
             "grad_target_cos": torch.full((batch,), -1.0 / batch, device=device)}
 
 
 def kernel_times(k: dict, config: TileConfig, device: torch.device, reps: int) -> dict:
-    """Median ms of each kernel with ``config``, and the work they do at this shape."""
-    common = (k["x"], k["w"], None, k["x_inv_norm"], k["w_inv_norm"], k["labels"])
-    backward = (*common, k["lse"], k["grad_lse"], k["grad_target_cos"], MARGIN.s, config)
+    """Median ms of each kernel and GEMM of a step with ``config``, and the work of one B×C×D matmul."""
+    x_unit, w_unit, labels = k["x_unit"], k["w_unit"], k["labels"]
+    batch, dim, classes = x_unit.shape[0], x_unit.shape[1], w_unit.shape[0]
+    grad = aligned_empty(batch, classes, x_unit.dtype, device)
+    numerators = torch.empty(batch, -(-classes // config.block_c) * config.block_c, dtype=torch.bfloat16,
+                             device=device)
+    tile_max = torch.empty(batch, numerators.shape[1] // config.block_c, device=device)
+    forward = (x_unit, w_unit, labels, k["target_logit"], MARGIN.s, config)
+    softmax_grad(grad, x_unit, w_unit, labels, k["lse"], k["grad_lse"], k["grad_target_cos"], MARGIN.s, config)
+    grad_w_unit = matmul_fp32(grad.T, x_unit)
     grad_w = torch.zeros_like(k["w"])
     times = {
-        "row_inv_norms_ms": median_ms(lambda: row_inv_norms(k["w"]), device, reps),
-        "partial_lse_ms": median_ms(lambda: partial_lse(*common, k["target_logit"], MARGIN.s, config), device, reps),
-        "grad_embeddings_ms": median_ms(lambda: grad_embeddings_partial(*backward), device, reps),
-        "grad_centers_ms": median_ms(lambda: grad_centers_(grad_w, *backward), device, reps),
+        "unit_rows_ms": median_ms(lambda: unit_rows(k["w"], None, torch.bfloat16), device, reps),
+        "partial_lse_ms": median_ms(lambda: partial_lse(*forward), device, reps),
+        "partial_lse_store_ms": median_ms(lambda: partial_lse(*forward, numerators, tile_max), device, reps),
+        "softmax_grad_ms": median_ms(lambda: softmax_grad(grad, x_unit, w_unit, labels, k["lse"], k["grad_lse"],
+                                                          k["grad_target_cos"], MARGIN.s, config), device, reps),
+        "gemm_grad_x_ms": median_ms(lambda: matmul_fp32(grad, w_unit), device, reps),
+        "gemm_grad_w_ms": median_ms(lambda: matmul_fp32(grad.T, x_unit), device, reps),
+        "unit_rows_backward_ms": median_ms(
+            lambda: unit_rows_backward_(grad_w, grad_w_unit, w_unit, k["w_inv_norm"], None), device, reps),
     }
-    batch, dim, classes = k["x"].shape[0], k["x"].shape[1], k["w"].shape[0]
     return times | {"bcd_matmul_gflop": 2 * batch * classes * dim / 1e9,
                     "config": None if config is None else config.__dict__}
 
@@ -194,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     for weight_dtype in (torch.float32, torch.bfloat16):
         k = kernel_inputs(shape, weight_dtype, device)
         for config in candidates:
-            tiles = config or default_config(device, shape["dim"])
+            tiles = config or default_config(device, torch.bfloat16)
             probe.run("kernels", lambda tiles=tiles, k=k: kernel_times(k, tiles, device, reps),
                       weight=str(weight_dtype), default=config is None)
         del k

@@ -89,7 +89,10 @@ class MarginSoftmax(torch.autograd.Function):
         grad_unit_x, grad_weight = ctx.backend.backward(
             x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, ctx.margin.scale,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        grad_x = None if grad_unit_x is None else normalize_backward(grad_unit_x, x, x_inv_norm).to(x.dtype)
+        grad_x = None
+        if grad_unit_x is not None:
+            x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
+            grad_x = normalize_backward(grad_unit_x, x_unit, x_inv_norm).to(x.dtype)
         return grad_x, grad_weight, None, None, None, None, None
 
 

@@ -13,13 +13,13 @@ def inv_norms(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS).reciprocal()
 
 
-def normalize_backward(grad_unit: torch.Tensor, x: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
-    """Gradient with respect to ``x`` [N, D] given the gradient ``grad_unit`` [N, D] of ``x / ||x||``.
+def normalize_backward(grad_unit: torch.Tensor, unit: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:
+    """Gradient with respect to ``x`` [N, D] given the gradient ``grad_unit`` [N, D] of ``u = x / ||x||``.
 
-    ``d(x/||x||)^T g = (g - <g, x> x / ||x||^2) / ||x||``; ``inv_norm`` is [N]. Computed in the
-    dtype of ``grad_unit``.
+    ``(g - <g, u> u) / ||x||``, from the unit rows ``unit`` and ``inv_norm`` [N] (written with
+    ``u`` rather than ``x / ||x||^3``, so that no power of the norm can overflow or underflow).
+    Computed in the dtype of ``grad_unit``.
     """
-    x = x.to(grad_unit.dtype)
-    radial = (grad_unit * x).sum(dim=1) * inv_norm.pow(3)
-    return grad_unit * inv_norm[:, None] - radial[:, None] * x
-
+    unit = unit.to(grad_unit.dtype)
+    radial = (grad_unit * unit).sum(dim=1, keepdim=True)
+    return (grad_unit - radial * unit) * inv_norm[:, None].to(grad_unit.dtype)

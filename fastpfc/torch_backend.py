@@ -22,6 +22,13 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor) -> None:
     """Every floating dtype and device works here."""
 
 
+def _unit_centers(weight, index, start, stop, dtype):
+    """The block's centers, normalized, in ``dtype``, and their inverse norms."""
+    w = centers(weight, index, start, stop).to(dtype)
+    w_inv_norm = inv_norms(w)
+    return w * w_inv_norm[:, None], w_inv_norm
+
+
 def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget):
     """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`).
 
@@ -30,12 +37,12 @@ def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, m
     """
     x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
     num_cols = weight.shape[0] if index is None else index.shape[0]
-    starts, chunk = chunk_bounds(x.shape[0], num_cols)
+    starts, chunk = chunk_bounds(x.shape[0], num_cols, x.device)
     lse = torch.full((x.shape[0],), float("-inf"), dtype=x_unit.dtype, device=x.device)
     saved, budget_left = [], memory_budget
     for start in starts:
-        w = centers(weight, index, start, start + chunk).to(x_unit.dtype)
-        logits = (x_unit @ w.T).mul_(inv_norms(w)[None, :] * scale)
+        w_unit, _ = _unit_centers(weight, index, start, start + chunk, x_unit.dtype)
+        logits = (x_unit @ w_unit.T).mul_(scale)
         scatter_target(logits, target_pos, start, target_logit)
         block_max = logits.amax(dim=1, keepdim=True)
         numerators = logits.sub_(block_max).exp_()
@@ -56,17 +63,16 @@ def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, gra
     grad_unit_x = torch.zeros_like(x_unit) if need_x else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
     num_cols = weight.shape[0] if index is None else index.shape[0]
-    starts, chunk = chunk_bounds(x.shape[0], num_cols)
+    starts, chunk = chunk_bounds(x.shape[0], num_cols, x.device)
     for block, start in enumerate(starts):
-        w = centers(weight, index, start, start + chunk).to(x_unit.dtype)
-        w_inv_norm = inv_norms(w)
+        w_unit, w_inv_norm = _unit_centers(weight, index, start, start + chunk, x_unit.dtype)
         # dL/dcos; the target column comes from the margin.
         if 2 * block < len(saved):  # from the stored numerators
             numerators, block_max = saved[2 * block], saved[2 * block + 1]
-            grad_cos = grad_from_numerators(numerators, block_max, chunk, lse, grad_lse, scale)
+            grad_cos = grad_from_numerators(numerators, block_max, lse, grad_lse, scale, x_unit.dtype)
         else:  # recomputed, in place in the cosine block
-            grad_cos = (x_unit @ w.T).mul_(w_inv_norm[None, :] * scale).sub_(lse[:, None]).exp_()
+            grad_cos = (x_unit @ w_unit.T).mul_(scale).sub_(lse[:, None]).exp_()
             grad_cos.mul_((grad_lse * scale)[:, None])
         scatter_target(grad_cos, target_pos, start, grad_target_cos)
-        add_block_gradients(grad_cos, x_unit, w, w_inv_norm, index, start, grad_unit_x, grad_weight)
+        add_block_gradients(grad_cos, x_unit, w_unit, w_inv_norm, index, start, grad_unit_x, grad_weight)
     return grad_unit_x, grad_weight

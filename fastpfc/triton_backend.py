@@ -1,8 +1,20 @@
 """Triton backend: the fused kernels of ``fastpfc.kernels`` behind the ``MarginSoftmax`` contract.
 
-With a ``memory_budget``, the forward kernel also keeps the softmax numerators of the first
-sampled columns that fit (a multiple of the class tile); their gradients are then two matmuls in
-PyTorch (:mod:`fastpfc.softmax_blocks`), and the backward kernels recompute only the other columns.
+One training step, for B embeddings and C sampled classes of dimension D:
+
+1. ``unit_rows`` gathers the sampled centers once, normalized, in the embeddings' dtype: one
+   contiguous [C, D] block the kernels read through tensor descriptors (and never convert per tile).
+2. The forward kernel (``partial_lse``, one B×C×D matmul) writes per-split row LSEs; with a
+   ``memory_budget`` it also keeps the softmax numerators of the leading class tiles that fit.
+3. The backward goes over blocks of columns. A block's ``G = dL/dcos`` comes from the stored
+   numerators, or from the recompute kernel (``softmax_grad``, one B×C×D matmul) into one
+   reused [B, block] buffer; then two GEMMs in ``torch.mm`` (cuBLAS on a GPU, fp32 accumulation
+   and output) give ``G @ w_unit`` for the embeddings and ``G^T @ x_unit`` for the centers, and
+   ``unit_rows_backward_`` turns the latter into the rows of the weight gradient.
+
+Matmul work per step: 3 B×C×D matmuls with every column stored, 4 in the lean mode (budget 0:
+nothing [B, C]-sized outlives the forward; the backward's scratch is one block). Every output
+element is written once, by one program or GEMM, in a fixed order: bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -10,8 +22,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from .kernels import INTERPRET, default_config, grad_centers_, grad_embeddings_partial, partial_lse, row_inv_norms
-from .softmax_blocks import add_block_gradients, centers, chunk_bounds, grad_from_numerators, scatter_target
+from .kernels import INTERPRET, default_config, partial_lse, softmax_grad, unit_rows, unit_rows_backward_
+from .kernels.tensors import aligned_empty
+from .softmax_blocks import add_block_gradients, chunk_bounds, grad_from_numerators, scatter_target
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -29,78 +42,92 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor) -> None:
                             "use backend='torch' for float64")
 
 
+def _on_gpu_in_half(x: torch.Tensor) -> bool:
+    return x.is_cuda and not INTERPRET and x.dtype != torch.float32
+
+
 def _numerators_dtype(x: torch.Tensor) -> torch.dtype:
     """bf16 for half-precision embeddings on a GPU (fp32's exponent range at half the bytes; the
     numerators are at most 1), fp32 otherwise (and under the interpreter)."""
-    return torch.bfloat16 if x.dtype != torch.float32 and not INTERPRET else torch.float32
+    return torch.bfloat16 if _on_gpu_in_half(x) else torch.float32
 
 
-def _stored_columns(memory_budget: int, batch: int, num_cols: int, block_c: int, dtype: torch.dtype) -> int:
-    """The most columns, a multiple of ``block_c`` (or all of them), whose numerators and tile
-    maxima fit in ``memory_budget`` bytes."""
+def _gemm_dtype(x: torch.Tensor) -> torch.dtype:
+    """Operands of the backward GEMMs: the embeddings' half dtype on a GPU, fp32 otherwise."""
+    return x.dtype if _on_gpu_in_half(x) else torch.float32
+
+
+def _stored_tiles(memory_budget: int, batch: int, num_cols: int, block_c: int, dtype: torch.dtype) -> int:
+    """The most class tiles whose numerators and tile maxima fit in ``memory_budget`` bytes."""
     bytes_per_tile = batch * (block_c * dtype.itemsize + 4)
-    return min(num_cols, memory_budget // bytes_per_tile * block_c) if batch else 0
+    return min(triton.cdiv(num_cols, block_c), memory_budget // bytes_per_tile) if batch else 0
+
+
+def _unit_embeddings(x: torch.Tensor, x_inv_norm: torch.Tensor) -> torch.Tensor:
+    """``x / ||x||`` in x's dtype, rows aligned for the kernels' descriptors."""
+    x_unit = aligned_empty(x.shape[0], x.shape[1], x.dtype, x.device)
+    return x_unit.copy_(x.float() * x_inv_norm[:, None])
 
 
 def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget):
     """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`).
-    ``saved`` is the centers' inverse norms, then the stored numerators and tile maxima, if any."""
-    config = default_config(x.device, x.shape[1])
-    w_inv_norm = row_inv_norms(weight, index)
-    num_cols = weight.shape[0] if index is None else index.shape[0]
+
+    ``saved`` is the unit embeddings, the unit centers and their inverse norms, then the stored
+    numerators [B, tiles * BLOCK_C] and tile maxima [B, tiles], if any.
+    """
+    config = default_config(x.device, x.dtype)
+    x_unit = _unit_embeddings(x, x_inv_norm)
+    w_unit, w_inv_norm = unit_rows(weight, index, x.dtype)
     dtype = _numerators_dtype(x)
-    stored = _stored_columns(memory_budget, x.shape[0], num_cols, config.block_c, dtype)
+    tiles = _stored_tiles(memory_budget, x.shape[0], w_unit.shape[0], config.block_c, dtype)
     kept = ()
-    if stored > 0:
-        kept = (torch.empty(x.shape[0], stored, dtype=dtype, device=x.device),
-                torch.empty(x.shape[0], triton.cdiv(stored, config.block_c), dtype=torch.float32, device=x.device))
-    partials = partial_lse(x, weight, index, x_inv_norm, w_inv_norm, target_pos, target_logit.float().contiguous(),
-                           scale, config, *kept)
-    return torch.logsumexp(partials, dim=0), (w_inv_norm, *kept)
+    if tiles > 0:
+        kept = (torch.empty(x.shape[0], tiles * config.block_c, dtype=dtype, device=x.device),
+                torch.empty(x.shape[0], tiles, dtype=torch.float32, device=x.device))
+    partials = partial_lse(x_unit, w_unit, target_pos, target_logit.float().contiguous(), scale, config, *kept)
+    return torch.logsumexp(partials, dim=0), (x_unit, w_unit, w_inv_norm, *kept)
 
 
 def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
              need_x, need_weight):
     """Gradients of the unit embeddings and of the weight (contract of ``MarginSoftmax``)."""
-    w_inv_norm, *kept = saved
-    config = default_config(x.device, x.shape[1])
+    x_unit, w_unit, w_inv_norm, *kept = saved
+    config = default_config(x.device, x.dtype)
     grad_lse, grad_target_cos = grad_lse.float().contiguous(), grad_target_cos.float().contiguous()
+    grad_unit_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None
     grad_weight = torch.zeros_like(weight) if need_weight else None
-    grad_unit_x = None
-    stored = kept[0].shape[1] if kept else 0
-    if stored:
-        grad_unit_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None
-        _backward_from_numerators(x, weight, index, x_inv_norm, w_inv_norm, *kept, target_pos, lse, grad_lse,
-                                  grad_target_cos, scale, config.block_c, grad_unit_x, grad_weight)
-    num_cols = weight.shape[0] if index is None else index.shape[0]
-    if stored == num_cols:
-        return grad_unit_x, grad_weight
-    # The other columns: the recompute kernels on the suffix of the sampled classes.
-    if index is None:
-        weight, rest_index = weight[stored:], None
-        rest_grad_weight = None if grad_weight is None else grad_weight[stored:]
-    else:
-        rest_index, rest_grad_weight = index[stored:], grad_weight
-    rest_target = torch.where(target_pos >= stored, target_pos - stored, -1)
-    args = (x, weight, rest_index, x_inv_norm, w_inv_norm[stored:], rest_target, lse, grad_lse, grad_target_cos,
-            scale, config)
-    if need_x:
-        rest_x = grad_embeddings_partial(*args).sum(dim=0)
-        grad_unit_x = rest_x if grad_unit_x is None else grad_unit_x.add_(rest_x)
-    if need_weight:
-        grad_centers_(rest_grad_weight, *args)
+    gemm_dtype = _gemm_dtype(x)
+    x_gemm = x_unit.to(gemm_dtype)
+    num_cols, block_c = w_unit.shape[0], config.block_c
+    stored = min(kept[0].shape[1], num_cols) if kept else 0
+    _, chunk = chunk_bounds(x.shape[0], num_cols, x.device, multiple_of=block_c)
+    scratch = None
+    for start, stop in _blocks(stored, num_cols, chunk):
+        if stop <= stored:  # from the stored numerators of whole tiles
+            numerators, tile_max = kept
+            tiles = slice(start // block_c, triton.cdiv(stop, block_c))
+            grad_cos = grad_from_numerators(numerators[:, tiles.start * block_c:tiles.stop * block_c],
+                                            tile_max[:, tiles], lse, grad_lse, scale, gemm_dtype)[:, :stop - start]
+            scatter_target(grad_cos, target_pos, start, grad_target_cos)
+        else:  # recomputed by the kernel into the block buffer
+            if scratch is None:
+                scratch = aligned_empty(x.shape[0], min(chunk, num_cols - stored), gemm_dtype, x.device)
+            grad_cos = softmax_grad(scratch[:, :stop - start], x_unit, w_unit[start:stop], target_pos - start,
+                                    lse, grad_lse, grad_target_cos, scale, config)
+        add_block_gradients(grad_cos, x_gemm, w_unit[start:stop].to(gemm_dtype), w_inv_norm[start:stop], index,
+                            start, grad_unit_x, grad_weight, _write_centers)
     return grad_unit_x, grad_weight
 
 
-def _backward_from_numerators(x, weight, index, x_inv_norm, w_inv_norm, numerators, tile_max, target_pos, lse,
-                              grad_lse, grad_target_cos, scale, block_c, grad_unit_x, grad_weight):
-    """The stored columns' share of both gradients: two matmuls per block of columns, in fp32."""
-    x_unit = x.float() * x_inv_norm[:, None]
-    starts, chunk = chunk_bounds(x.shape[0], numerators.shape[1], multiple_of=block_c)
-    for start in starts:
-        stop = min(start + chunk, numerators.shape[1])
-        tiles = tile_max[:, start // block_c:triton.cdiv(stop, block_c)]
-        grad_cos = grad_from_numerators(numerators[:, start:stop], tiles, block_c, lse, grad_lse, scale)
-        scatter_target(grad_cos, target_pos, start, grad_target_cos)
-        w = centers(weight, index, start, stop).float()
-        add_block_gradients(grad_cos, x_unit, w, w_inv_norm[start:stop], index, start, grad_unit_x, grad_weight)
+def _write_centers(grad_weight, grad_w_unit, w_unit, w_inv_norm, index, start):
+    """The backward of the gathered unit centers, scattered into the weight gradient by one kernel."""
+    rows = None if index is None else index[start:start + grad_w_unit.shape[0]]
+    target = grad_weight if index is not None else grad_weight[start:start + grad_w_unit.shape[0]]
+    unit_rows_backward_(target, grad_w_unit, w_unit, w_inv_norm, rows)
+
+
+def _blocks(stored: int, num_cols: int, chunk: int):
+    """``(start, stop)`` of blocks of at most ``chunk`` columns: the stored ones, then the rest."""
+    for begin, end in ((0, stored), (stored, num_cols)):
+        for start in range(begin, end, chunk):
+            yield start, min(start + chunk, end)

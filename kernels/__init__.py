@@ -4,15 +4,15 @@ Nothing here depends on ``torch.nn``; the autograd wiring lives in ``fastpfc``.
 """
 
 from .config import INTERPRET, TileConfig, default_config
-from .margin_softmax import grad_centers_, grad_embeddings_partial, partial_lse
-from .row_norm import row_inv_norms
+from .margin_softmax import partial_lse, softmax_grad
+from .unit_rows import unit_rows, unit_rows_backward_
 
 __all__ = [
     "INTERPRET",
     "TileConfig",
     "default_config",
-    "grad_centers_",
-    "grad_embeddings_partial",
     "partial_lse",
-    "row_inv_norms",
+    "softmax_grad",
+    "unit_rows",
+    "unit_rows_backward_",
 ]

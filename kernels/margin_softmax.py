@@ -1,27 +1,26 @@
-"""Fused margin-softmax kernels: partial log-sum-exp forward and recompute-based backward.
+"""Fused margin-softmax kernels: the forward partial log-sum-exp, and the softmax gradient tile.
 
-Problem, for a batch row ``b`` and a sampled class position ``c`` (``rows = index[c]``)::
+Problem, for a batch row ``b`` and a sampled class position ``c``, on unit rows (``x_unit`` [B, D],
+``w_unit`` [C, D], the sampled centers gathered and normalized once per step by ``unit_rows``)::
 
-    cos[b, c]   = <x_b, W[rows[c]]> / (||x_b|| * ||W[rows[c]]||)
+    cos[b, c]   = <x_unit[b], w_unit[c]>
     logit[b, c] = target_logit[b]   if c == target_pos[b]   (margin applied by the caller)
                   scale * cos[b, c] otherwise
     lse[b]      = logsumexp_c logit[b, c]
 
-The ``[B, C]`` logits are never stored. The forward writes one LSE per (class split, row), which
-the caller combines (and which the distributed layer combines across ranks); with ``STORE`` it
-also writes the softmax numerators ``exp(logit - tile max)`` of the first ``stored_cols`` columns
-and the tile maxima, from which the caller gets those columns' gradients with two matmuls. For
-the other columns the backward recomputes the cosine tiles and reduces the softmax gradient
-twice, once per output, each in a fixed order, so results are bitwise reproducible without
-atomics:
+The ``[B, C]`` logits are never stored whole:
 
-* embedding side: ``u[b] = sum_c G[b, c] * W[rows[c]] / ||W[rows[c]]||`` per class split;
-* center side: ``v[c] = sum_b G[b, c] * x_b / ||x_b||`` and ``k[c] = sum_b G[b, c] * cos[b, c]``,
-  finished in the kernel into ``dW[rows[c]] = (v[c] - k[c] * W[rows[c]] / ||W||) / ||W||``,
+* :func:`partial_lse` writes one LSE per (class split, row), which the caller combines (and the
+  distributed layer combines across ranks). Given buffers, it also writes the softmax numerators
+  ``exp(logit - tile max)`` (at most 1) of the first columns, and the tile maxima, so the backward
+  of those columns needs no recompute.
+* :func:`softmax_grad` recomputes one block of columns and writes ``G = dL/dcos`` for it:
+  ``grad_lse[b] * scale * exp(logit - lse[b])``, and at the target column the gradient that came
+  back through the margin (computed by the caller on the B target cosines).
 
-where ``G = dL/dcos``. At the target column ``G`` is the gradient that came back through the
-margin, which the caller computes in PyTorch on the B target cosines: any margin works without
-touching these kernels, and the gradient of the centers is written once, by one kernel.
+Both gradients are then two plain GEMMs on ``G`` (cuBLAS through ``torch.mm``, see
+``fastpfc.triton_backend``): ``G @ w_unit`` and ``G^T @ x_unit``. Every output element is written
+by one program and every sum runs in a fixed order, so results are bitwise reproducible.
 """
 
 from __future__ import annotations
@@ -31,221 +30,150 @@ import triton
 import triton.language as tl
 
 from .config import INTERPRET, TileConfig, split_columns
-from .tiles import backward_rows, column_tile, cosine_grad_tile, cosine_tile
+from .tensors import descriptor
+from .tiles import LN2, LOG2E, cosine_tile, logits2_tile
 
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @triton.jit
 def _partial_lse_kernel(
-    x_ptr, w_ptr, index_ptr, x_inv_norm_ptr, w_inv_norm_ptr, target_pos_ptr, target_logit_ptr, out_ptr,
-    numerators_ptr, tile_max_ptr,
-    batch, num_cols, dim, stride_x, stride_w, cols_per_split, scale, stored_cols,
-    HAS_INDEX: tl.constexpr, STORE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    x_desc, w_desc, target_pos_ptr, target_logit_ptr, out_ptr, numerators_desc, tile_max_ptr,
+    batch, num_cols, dim, cols_per_split, scale, stored_cols,
+    STORE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
-    offs_b = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    row0 = tl.program_id(0) * BLOCK_B
+    offs_b = row0 + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
-    x_inv_norm = tl.load(x_inv_norm_ptr + offs_b, mask=mask_b, other=0.0)
-    target_pos = tl.load(target_pos_ptr + offs_b, mask=mask_b, other=-1)
-    target_logit = tl.load(target_logit_ptr + offs_b, mask=mask_b, other=0.0)
+    target_pos = tl.load(target_pos_ptr + offs_b, mask=mask_b, other=-1).to(tl.int32)
+    target_logit2 = tl.load(target_logit_ptr + offs_b, mask=mask_b, other=0.0) * LOG2E
+    scale2 = scale * LOG2E
     running_max = tl.full((BLOCK_B,), float("-inf"), dtype=tl.float32)
     running_sum = tl.zeros((BLOCK_B,), dtype=tl.float32)
     col_start = split * cols_per_split
     col_end = tl.minimum(col_start + cols_per_split, num_cols)
     for c0 in range(col_start, col_end, BLOCK_C):
-        offs_c, mask_c, rows, w_inv_norm = column_tile(index_ptr, w_inv_norm_ptr, c0, col_end, HAS_INDEX, BLOCK_C)
-        cos = cosine_tile(x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w,
-                          x_inv_norm, w_inv_norm, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-        logits = tl.where(offs_c[None, :] == target_pos[:, None], target_logit[:, None], scale * cos)
-        logits = tl.where(mask_c[None, :], logits, float("-inf"))
-        tile_max = tl.max(logits, axis=1)
-        numerators = tl.exp(logits - tile_max[:, None])
+        cos = cosine_tile(x_desc, w_desc, row0, c0, dim, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
+        logits2 = logits2_tile(cos, c0, col_end, target_pos, target_logit2, scale2, BLOCK_C)
+        tile_max = tl.max(logits2, axis=1)
+        numerators = tl.exp2(logits2 - tile_max[:, None])
         new_max = tl.maximum(running_max, tile_max)
-        running_sum = (running_sum * tl.exp(running_max - new_max)
-                       + tl.sum(numerators, axis=1) * tl.exp(tile_max - new_max))
+        running_sum = (running_sum * tl.exp2(running_max - new_max)
+                       + tl.sum(numerators, axis=1) * tl.exp2(tile_max - new_max))
         running_max = new_max
         if STORE:
             if c0 < stored_cols:  # the first stored_cols columns keep their numerators for the backward
-                tl.store(numerators_ptr + offs_b[:, None] * stored_cols + offs_c[None, :],
-                         numerators.to(numerators_ptr.dtype.element_ty),
-                         mask=mask_b[:, None] & (offs_c < stored_cols)[None, :])
-                num_tiles = tl.cdiv(stored_cols, BLOCK_C)
-                tl.store(tile_max_ptr + offs_b * num_tiles + c0 // BLOCK_C, tile_max, mask=mask_b)
-    tl.store(out_ptr + split * batch + offs_b, running_max + tl.log(running_sum), mask=mask_b)
+                numerators_desc.store([row0, c0], numerators.to(numerators_desc.dtype))
+                tl.store(tile_max_ptr + offs_b * tl.cdiv(stored_cols, BLOCK_C) + c0 // BLOCK_C, tile_max * LN2,
+                         mask=mask_b)
+    tl.store(out_ptr + split * batch + offs_b, (running_max + tl.log2(running_sum)) * LN2, mask=mask_b)
 
 
 @triton.jit
-def _grad_embeddings_kernel(
-    x_ptr, w_ptr, index_ptr, x_inv_norm_ptr, w_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr,
-    out_ptr,
-    batch, num_cols, dim, stride_x, stride_w, cols_per_split, scale,
-    HAS_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_D_OUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+def _softmax_grad_kernel(
+    x_desc, w_desc, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr, out_desc,
+    batch, dim, scale,
+    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    split = tl.program_id(1)
-    offs_b = (tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+    row0 = tl.program_id(0) * BLOCK_B
+    c0 = tl.program_id(1) * BLOCK_C
+    offs_b = row0 + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
-    offs_o = tl.program_id(2) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
-    mask_o = offs_o < dim
-    x_inv_norm, target_pos, lse, grad_lse, grad_target_cos = backward_rows(
-        x_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr, offs_b, mask_b)
-    acc = tl.zeros((BLOCK_B, BLOCK_D_OUT), dtype=tl.float32)
-    col_start = split * cols_per_split
-    col_end = tl.minimum(col_start + cols_per_split, num_cols)
-    for c0 in range(col_start, col_end, BLOCK_C):
-        offs_c, mask_c, rows, w_inv_norm = column_tile(index_ptr, w_inv_norm_ptr, c0, col_end, HAS_INDEX, BLOCK_C)
-        cos = cosine_tile(x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w,
-                          x_inv_norm, w_inv_norm, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-        grad_cos = cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, grad_target_cos, scale)
-        w = tl.load(w_ptr + rows[:, None] * stride_w + offs_o[None, :],
-                    mask=mask_c[:, None] & mask_o[None, :], other=0.0).to(tl.float32)
-        # Norms scale the data operand in fp32, so the cast gradient stays in softmax range.
-        acc = tl.dot(grad_cos.to(DOT_DTYPE), (w * w_inv_norm[:, None]).to(DOT_DTYPE), acc,
-                     input_precision=INPUT_PRECISION)
-    tl.store(out_ptr + (split * batch + offs_b[:, None]) * dim + offs_o[None, :], acc,
-             mask=mask_b[:, None] & mask_o[None, :])
+    target_pos = tl.load(target_pos_ptr + offs_b, mask=mask_b, other=-1).to(tl.int32)
+    lse2 = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0) * LOG2E
+    grad_scale = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0) * scale
+    grad_target_cos = tl.load(grad_target_cos_ptr + offs_b, mask=mask_b, other=0.0)
+    cos = cosine_tile(x_desc, w_desc, row0, c0, dim, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
+    grad = grad_scale[:, None] * tl.exp2(cos * (scale * LOG2E) - lse2[:, None])
+    grad = tl.where(tl.arange(0, BLOCK_C)[None, :] == (target_pos - c0)[:, None], grad_target_cos[:, None], grad)
+    out_desc.store([row0, c0], grad.to(out_desc.dtype))  # the descriptor clips rows and columns past the end
 
 
-@triton.jit
-def _grad_centers_kernel(
-    x_ptr, w_ptr, index_ptr, x_inv_norm_ptr, w_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr,
-    grad_w_ptr,
-    batch, num_cols, dim, stride_x, stride_w, stride_grad_w, scale,
-    HAS_INDEX: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_D_OUT: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    offs_c, mask_c, rows, w_inv_norm = column_tile(index_ptr, w_inv_norm_ptr, tl.program_id(0) * BLOCK_C, num_cols,
-                                                   HAS_INDEX, BLOCK_C)
-    offs_o = tl.program_id(1) * BLOCK_D_OUT + tl.arange(0, BLOCK_D_OUT)
-    mask_o = offs_o < dim
-    acc = tl.zeros((BLOCK_C, BLOCK_D_OUT), dtype=tl.float32)
-    cos_weighted = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for b0 in range(0, batch, BLOCK_B):
-        offs_b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
-        mask_b = offs_b < batch
-        x_inv_norm, target_pos, lse, grad_lse, grad_target_cos = backward_rows(
-            x_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr, offs_b, mask_b)
-        cos = cosine_tile(x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w,
-                          x_inv_norm, w_inv_norm, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-        grad_cos = cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, grad_target_cos, scale)
-        cos_weighted += tl.sum(grad_cos * cos, axis=0)
-        x = tl.load(x_ptr + offs_b[:, None] * stride_x + offs_o[None, :],
-                    mask=mask_b[:, None] & mask_o[None, :], other=0.0).to(tl.float32)
-        acc = tl.dot(tl.trans(grad_cos).to(DOT_DTYPE), (x * x_inv_norm[:, None]).to(DOT_DTYPE), acc,
-                     input_precision=INPUT_PRECISION)
-    # Backward of w / ||w||: project out the radial component, then scale by 1 / ||w||.
-    w = tl.load(w_ptr + rows[:, None] * stride_w + offs_o[None, :],
-                mask=mask_c[:, None] & mask_o[None, :], other=0.0).to(tl.float32)
-    grad_w = w_inv_norm[:, None] * acc - (cos_weighted * w_inv_norm * w_inv_norm)[:, None] * w
-    tl.store(grad_w_ptr + rows[:, None] * stride_grad_w + offs_o[None, :],
-             grad_w.to(grad_w_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_o[None, :])
+def dot_options(dtype: torch.dtype, on_cuda: bool) -> dict:
+    """Operand dtype for ``tl.dot`` and its fp32 precision mode.
+
+    fp32 operands on a GPU run on the tensor cores: as TF32 where
+    ``torch.set_float32_matmul_precision`` allows it, otherwise as 3xTF32 (each operand split
+    into two TF32 parts, about fp32's accuracy) rather than on the FMA units, where a 128x128
+    tile spills. The interpreter has no bf16/fp16 dot and multiplies in fp32.
+    """
+    if INTERPRET or not on_cuda:
+        return {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": "ieee"}
+    if dtype == torch.float32:
+        tf32 = torch.get_float32_matmul_precision() != "highest"
+        return {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": "tf32" if tf32 else "tf32x3"}
+    return {"DOT_DTYPE": _DOT_DTYPES[dtype], "INPUT_PRECISION": None}
 
 
-def _dot_options(x: torch.Tensor) -> dict:
-    """Operand dtype for ``tl.dot`` and the fp32 precision mode (bf16/fp16 dots don't run in the interpreter)."""
-    if INTERPRET or x.dtype == torch.float32:
-        tf32 = x.is_cuda and torch.get_float32_matmul_precision() != "highest"
-        return {"DOT_DTYPE": tl.float32, "INPUT_PRECISION": "tf32" if tf32 else "ieee"}
-    return {"DOT_DTYPE": _DOT_DTYPES[x.dtype], "INPUT_PRECISION": None}
-
-
-def _launch_options(config: TileConfig) -> dict:
+def _launch_options(config: TileConfig, x: torch.Tensor) -> dict:
     return {"BLOCK_B": config.block_b, "BLOCK_C": config.block_c, "BLOCK_D": config.block_d,
-            "num_warps": config.num_warps, "num_stages": config.num_stages}
+            "num_warps": config.num_warps, "num_stages": config.num_stages, **dot_options(x.dtype, x.is_cuda)}
+
+
+def _operands(x_unit: torch.Tensor, w_unit: torch.Tensor, config: TileConfig):
+    return descriptor(x_unit, config.block_b, config.block_d), descriptor(w_unit, config.block_c, config.block_d)
 
 
 def partial_lse(
-    x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
-    x_inv_norm: torch.Tensor, w_inv_norm: torch.Tensor,
-    target_pos: torch.Tensor, target_logit: torch.Tensor, scale: float, config: TileConfig,
-    numerators: torch.Tensor | None = None, tile_max: torch.Tensor | None = None,
+    x_unit: torch.Tensor, w_unit: torch.Tensor, target_pos: torch.Tensor, target_logit: torch.Tensor,
+    scale: float, config: TileConfig, numerators: torch.Tensor | None = None, tile_max: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-split log-sum-exp of the margin logits, optionally keeping the softmax numerators of
     the first columns for the backward.
 
     Args:
-        x: embeddings [B, D] (fp32/fp16/bf16, unit stride in D).
-        weight: class centers [C_total, D] (unit stride in D).
-        index: sampled rows of ``weight`` [C] int64, or ``None`` for all rows (C = C_total).
-        x_inv_norm, w_inv_norm: fp32 [B] and [C], from :func:`row_inv_norms`.
+        x_unit: unit embeddings [B, D], fp32/fp16/bf16, rows 16-byte aligned (``aligned_empty``).
+        w_unit: unit class centers [C, D], same dtype and alignment (from ``unit_rows``).
         target_pos: int64 [B], position of each row's target in ``0..C-1``, or -1 for none.
         target_logit: fp32 [B], the margin-adjusted target logit substituted at ``target_pos``.
         scale: the logit scale ``s`` applied to non-target cosines.
-        numerators: ``None``, or [B, S] (contiguous, any float dtype) to fill with
+        numerators: ``None``, or [B, S] (fp32 or bf16, aligned rows) to fill with
             ``exp(logit[b, c] - tile_max[b, c // BLOCK_C])`` for the first S columns.
-        tile_max: [B, ceil(S / BLOCK_C)] fp32, filled with the largest logit of each row and tile.
+        tile_max: [B, ceil(S / BLOCK_C)] fp32, contiguous, filled with the largest logit of each
+            row and tile.
 
     Returns:
         fp32 [num_splits, B]; ``torch.logsumexp(result, 0)`` is the row LSE over all C columns.
     """
-    batch, dim = x.shape
-    num_cols = weight.shape[0] if index is None else index.shape[0]
+    batch, dim = x_unit.shape
+    num_cols = w_unit.shape[0]
     if batch == 0 or num_cols == 0:
-        return torch.full((1, batch), float("-inf"), device=x.device)
+        return torch.full((1, batch), float("-inf"), device=x_unit.device)
     row_tiles = triton.cdiv(batch, config.block_b)
-    cols_per_split = split_columns(num_cols, row_tiles, config, x.device)
+    cols_per_split = split_columns(num_cols, row_tiles, config, x_unit.device)
     num_splits = triton.cdiv(num_cols, cols_per_split)
-    out = torch.empty(num_splits, batch, dtype=torch.float32, device=x.device)
+    out = torch.empty(num_splits, batch, dtype=torch.float32, device=x_unit.device)
+    x_desc, w_desc = _operands(x_unit, w_unit, config)
     store = numerators is not None
     _partial_lse_kernel[(row_tiles, num_splits)](
-        x, weight, index if index is not None else target_pos, x_inv_norm, w_inv_norm, target_pos,
-        target_logit, out, numerators if store else out, tile_max if store else out,
-        batch, num_cols, dim, x.stride(0), weight.stride(0), cols_per_split, scale,
-        numerators.shape[1] if store else 0,
-        HAS_INDEX=index is not None, STORE=store, **_launch_options(config), **_dot_options(x),
+        x_desc, w_desc, target_pos, target_logit, out,
+        descriptor(numerators, config.block_b, config.block_c) if store else x_desc, tile_max if store else out,
+        batch, num_cols, dim, cols_per_split, scale, numerators.shape[1] if store else 0,
+        STORE=store, **_launch_options(config, x_unit),
     )
     return out
 
 
-def grad_embeddings_partial(
-    x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
-    x_inv_norm: torch.Tensor, w_inv_norm: torch.Tensor, target_pos: torch.Tensor,
-    lse: torch.Tensor, grad_lse: torch.Tensor, grad_target_cos: torch.Tensor, scale: float, config: TileConfig,
+def softmax_grad(
+    out: torch.Tensor, x_unit: torch.Tensor, w_unit: torch.Tensor, target_pos: torch.Tensor, lse: torch.Tensor,
+    grad_lse: torch.Tensor, grad_target_cos: torch.Tensor, scale: float, config: TileConfig,
 ) -> torch.Tensor:
-    """Per-split ``u[b] = sum_c dL/dcos[b, c] * W[rows[c]] / ||W[rows[c]]||``, fp32 [num_splits, B, D].
+    """Fill ``out`` [B, C] (fp32/fp16/bf16, aligned rows) with ``dL/dcos`` of the columns
+    ``w_unit`` [C, D] and return it.
 
     ``lse``, ``grad_lse`` (upstream gradient of the LSE) and ``grad_target_cos`` (dL/dcos at the
-    target column, through the margin) are fp32 [B]; the rest is as in :func:`partial_lse`.
-    The caller sums the splits and applies the backward of ``x / ||x||``.
+    target column, through the margin) are fp32 [B]; ``target_pos`` counts from ``w_unit``'s first
+    row (-1, or any position outside ``0..C-1``, for none). The rest is as in :func:`partial_lse`.
     """
-    batch, dim = x.shape
-    num_cols = weight.shape[0] if index is None else index.shape[0]
-    if batch == 0 or num_cols == 0:
-        return torch.zeros(1, batch, dim, device=x.device)
-    row_tiles = triton.cdiv(batch, config.block_b)
-    cols_per_split = split_columns(num_cols, row_tiles, config, x.device)
-    num_splits = triton.cdiv(num_cols, cols_per_split)
-    out = torch.empty(num_splits, batch, dim, dtype=torch.float32, device=x.device)
-    grid = (row_tiles, num_splits, triton.cdiv(dim, config.block_d_out))
-    _grad_embeddings_kernel[grid](
-        x, weight, index if index is not None else target_pos, x_inv_norm, w_inv_norm, target_pos, lse,
-        grad_lse, grad_target_cos, out, batch, num_cols, dim, x.stride(0), weight.stride(0), cols_per_split, scale,
-        HAS_INDEX=index is not None, BLOCK_D_OUT=config.block_d_out, **_launch_options(config), **_dot_options(x),
+    batch, dim = x_unit.shape
+    if batch == 0 or w_unit.shape[0] == 0:
+        return out
+    grid = (triton.cdiv(batch, config.block_b), triton.cdiv(w_unit.shape[0], config.block_c))
+    _softmax_grad_kernel[grid](
+        *_operands(x_unit, w_unit, config), target_pos, lse, grad_lse, grad_target_cos,
+        descriptor(out, config.block_b, config.block_c), batch, dim, scale, **_launch_options(config, x_unit),
     )
     return out
-
-
-def grad_centers_(
-    grad_weight: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, index: torch.Tensor | None,
-    x_inv_norm: torch.Tensor, w_inv_norm: torch.Tensor, target_pos: torch.Tensor,
-    lse: torch.Tensor, grad_lse: torch.Tensor, grad_target_cos: torch.Tensor, scale: float, config: TileConfig,
-) -> None:
-    """Write the gradient of the sampled center rows into ``grad_weight[index]`` (in place).
-
-    ``grad_weight`` has the shape of ``weight``; rows that were not sampled are left untouched.
-    Arguments are as in :func:`grad_embeddings_partial`.
-    Each row is written by exactly one program, so the result does not depend on scheduling.
-    """
-    num_cols = weight.shape[0] if index is None else index.shape[0]
-    if x.shape[0] == 0 or num_cols == 0:
-        return
-    dim = x.shape[1]
-    grid = (triton.cdiv(num_cols, config.block_c), triton.cdiv(dim, config.block_d_out))
-    _grad_centers_kernel[grid](
-        x, weight, index if index is not None else target_pos, x_inv_norm, w_inv_norm, target_pos, lse,
-        grad_lse, grad_target_cos, grad_weight, x.shape[0], num_cols, dim, x.stride(0), weight.stride(0),
-        grad_weight.stride(0), scale, HAS_INDEX=index is not None, BLOCK_D_OUT=config.block_d_out,
-        **_launch_options(config), **_dot_options(x),
-    )

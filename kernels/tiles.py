@@ -1,73 +1,42 @@
-"""Building blocks shared by the margin-softmax kernels: gather, cosine tile, softmax gradient tile."""
+"""Building blocks shared by the margin-softmax kernels: the logits tile and its row inputs.
+
+Both operands are unit rows read through tensor descriptors: the embeddings ``x_unit`` [B, D]
+and the gathered, normalized class centers ``w_unit`` [C, D] written by ``unit_rows``. Logits are
+kept in base 2 (``logit * log2(e)``) so the exponentials are single ``exp2`` instructions.
+"""
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def gather_rows(index_ptr, offs_c, mask_c, HAS_INDEX: tl.constexpr):
-    """Row numbers in the weight of sampled positions ``offs_c`` (identity when nothing is sampled)."""
-    if HAS_INDEX:
-        rows = tl.load(index_ptr + offs_c, mask=mask_c, other=0)
-    else:
-        rows = offs_c
-    return rows.to(tl.int64)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def column_tile(index_ptr, w_inv_norm_ptr, c0, col_end, HAS_INDEX: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Sampled positions ``c0 .. c0 + BLOCK_C - 1`` (below ``col_end``): offsets, mask, weight rows
-    and inverse norms."""
-    offs_c = c0 + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < col_end
-    rows = gather_rows(index_ptr, offs_c, mask_c, HAS_INDEX)
-    w_inv_norm = tl.load(w_inv_norm_ptr + offs_c, mask=mask_c, other=0.0)
-    return offs_c, mask_c, rows, w_inv_norm
+def cosine_tile(x_desc, w_desc, row0, c0, dim, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """cos[b, c] = <x_unit[row0 + b], w_unit[c0 + c]>, fp32 [BLOCK_B, BLOCK_C].
 
-
-@triton.jit
-def backward_rows(x_inv_norm_ptr, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr, offs_b, mask_b):
-    """Per-row inputs of the backward kernels; padding rows get zero gradients and no target."""
-    x_inv_norm = tl.load(x_inv_norm_ptr + offs_b, mask=mask_b, other=0.0)
-    target_pos = tl.load(target_pos_ptr + offs_b, mask=mask_b, other=-1)
-    lse = tl.load(lse_ptr + offs_b, mask=mask_b, other=0.0)
-    grad_lse = tl.load(grad_lse_ptr + offs_b, mask=mask_b, other=0.0)
-    grad_target_cos = tl.load(grad_target_cos_ptr + offs_b, mask=mask_b, other=0.0)
-    return x_inv_norm, target_pos, lse, grad_lse, grad_target_cos
-
-
-@triton.jit
-def cosine_tile(
-    x_ptr, w_ptr, offs_b, rows, mask_b, mask_c, dim, stride_x, stride_w, x_inv_norm, w_inv_norm,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-):
-    """cos[b, c] = <x_b, w_rows[c]> * x_inv_norm[b] * w_inv_norm[c], fp32 [BLOCK_B, BLOCK_C].
-
-    The inverse norms are applied here, in the epilogue, so no normalized copy of either operand
-    is ever written. Padding rows/columns load zeros and give cos = 0.
+    Both operands come through tensor descriptors (TMA on sm_90): no pointer tiles held in
+    registers, and rows or dimensions past the end read as zero, so padding gives cos = 0.
     """
     acc = tl.zeros((BLOCK_B, BLOCK_C), dtype=tl.float32)
-    offs_d = tl.arange(0, BLOCK_D)
     for d0 in range(0, dim, BLOCK_D):
-        d = d0 + offs_d
-        mask_d = d < dim
-        x = tl.load(x_ptr + offs_b[:, None] * stride_x + d[None, :],
-                    mask=mask_b[:, None] & mask_d[None, :], other=0.0)
-        w = tl.load(w_ptr + rows[None, :] * stride_w + d[:, None],
-                    mask=mask_d[:, None] & mask_c[None, :], other=0.0)
-        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
-    return acc * x_inv_norm[:, None] * w_inv_norm[None, :]
+        x = x_desc.load([row0, d0])
+        w = w_desc.load([c0, d0])
+        acc = tl.dot(x.to(DOT_DTYPE), w.to(DOT_DTYPE).T, acc, input_precision=INPUT_PRECISION)
+    return acc
 
 
 @triton.jit
-def cosine_grad_tile(cos, offs_c, mask_c, target_pos, lse, grad_lse, grad_target_cos, scale):
-    """dL/dcos [BLOCK_B, BLOCK_C]: ``grad_lse[b] * s * softmax[b, c]`` for the logits ``s * cos``.
+def logits2_tile(cos, c0, num_cols, target_pos, target_logit2, scale2, BLOCK_C: tl.constexpr):
+    """Base-2 logits [BLOCK_B, BLOCK_C] of the columns ``c0 ..``: ``scale2 * cos``, ``target_logit2[b]``
+    at each row's target column and -inf past ``num_cols`` (``scale2 = s * log2(e)``,
+    ``target_logit2 = margin(cos_target) * log2(e)``, ``target_pos`` int32 [BLOCK_B]).
 
-    At each row's target column it is ``grad_target_cos[b]``, the gradient that came back through
-    the margin (computed by the caller); padding columns get zero. Padding rows carry zero
-    ``grad_lse`` and ``grad_target_cos`` and so give zero too.
+    Positions are compared in int32 relative to the tile: int64 column numbers broadcast over the
+    tile would cost two registers per logit element.
     """
-    grad = (grad_lse * scale)[:, None] * tl.exp(scale * cos - lse[:, None])
-    grad = tl.where(offs_c[None, :] == target_pos[:, None], grad_target_cos[:, None], grad)
-    return tl.where(mask_c[None, :], grad, 0.0)
+    cols = tl.arange(0, BLOCK_C)
+    logits2 = tl.where(cols[None, :] == (target_pos - c0)[:, None], target_logit2[:, None], cos * scale2)
+    return tl.where(cols[None, :] < num_cols - c0, logits2, float("-inf"))

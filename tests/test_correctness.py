@@ -12,20 +12,19 @@ from helpers import DEVICE, loss_and_grads, make_problem, max_rel_error
 
 MARGINS = [CosFace(s=64.0, m=0.4), ArcFace(s=64.0, m=0.5), CombinedMargin(s=32.0, m1=1.2, m2=0.3, m3=0.1),
            Softmax(s=30.0), ArcFace(s=64.0, m=0.5, straight_through=True)]
-SMALL_TILES = dict(block_b=16, block_c=16, block_d=16, block_d_out=16, num_splits=3)
+SMALL_TILES = dict(block_b=16, block_c=16, block_d=16, num_splits=3)
 
 
 @pytest.fixture(params=["torch", "triton"])
 def backend(request, monkeypatch):
-    """The backend under test; Triton with small tiles and 3 class splits to cross every boundary,
-    the torch backend with small class chunks for the same reason."""
+    """The backend under test, with small class blocks (29 columns for the torch backend, 16 for
+    the Triton backward) and, for Triton, small tiles and 3 class splits, to cross every boundary."""
     if request.param == "triton":
         from fastpfc import triton_backend
         from fastpfc.kernels import TileConfig
-        monkeypatch.setattr(triton_backend, "default_config", lambda device, dim: TileConfig(**SMALL_TILES))
-    else:
-        monkeypatch.setattr(fastpfc.softmax_blocks, "_BLOCK_ELEMENTS", 37 * 29)
-        monkeypatch.setattr(fastpfc.softmax_blocks, "_MIN_CHUNK", 1)
+        monkeypatch.setattr(triton_backend, "default_config", lambda *args: TileConfig(**SMALL_TILES))
+    monkeypatch.setattr(fastpfc.softmax_blocks, "_BLOCK_ELEMENTS", 37 * 29)
+    monkeypatch.setattr(fastpfc.softmax_blocks, "_MIN_CHUNK", 1)
     return request.param
 
 
@@ -231,7 +230,7 @@ def test_triton_stored_numerators_match_float64_reference(monkeypatch, stored_ti
     for the PyTorch side); the kernels recompute the rest. Deterministic run to run."""
     from fastpfc import triton_backend
     from fastpfc.kernels import TileConfig
-    monkeypatch.setattr(triton_backend, "default_config", lambda device, dim: TileConfig(**SMALL_TILES))
+    monkeypatch.setattr(triton_backend, "default_config", lambda *args: TileConfig(**SMALL_TILES))
     monkeypatch.setattr(fastpfc.softmax_blocks, "_BLOCK_ELEMENTS", 37 * 20)  # 16-column blocks of numerators
     monkeypatch.setattr(fastpfc.softmax_blocks, "_MIN_CHUNK", 1)
     budget = stored_tiles * 37 * (16 * 4 + 4)  # fp32 numerators and one tile maximum per row and tile

@@ -26,8 +26,8 @@ def test_dry_run_measures_every_step(tmp_path):
     assert by_step["ceilings"][0]["bf16_matmul_tflops"] > 0 and by_step["ceilings"][0]["copy_gb_s"] > 0
     assert len(by_step["kernels"]) == 4  # fp32 and bf16 weights x (default tiles, one candidate)
     for row in by_step["kernels"]:
-        assert all(row[k] > 0 for k in ("row_inv_norms_ms", "partial_lse_ms", "grad_embeddings_ms",
-                                         "grad_centers_ms"))
+        assert all(row[k] > 0 for k in ("unit_rows_ms", "partial_lse_ms", "partial_lse_store_ms", "softmax_grad_ms",
+                                         "gemm_grad_x_ms", "gemm_grad_w_ms", "unit_rows_backward_ms"))
     steps = {(r["impl"], r["weight"], r["classes"]): r for r in by_step["step"]}
     assert {impl for impl, _, _ in steps} == {"fastpfc", "fastpfc-stored", "reference"}
     assert all(r["ms"] > 0 for r in steps.values())

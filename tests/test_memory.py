@@ -33,8 +33,8 @@ def _train_step_peak(loss_fn, batch, num_classes, dim):
 def test_peak_memory_is_far_below_one_logits_matrix(backend, batch, num_classes, monkeypatch):
     if backend == "triton" and DEVICE.type == "cpu":  # big tiles: fewer interpreter steps (at most 0.1 of B * C)
         from fastpfc import triton_backend
-        config = TileConfig(block_b=256, block_c=1024, block_d=16, block_d_out=16, num_splits=4)
-        monkeypatch.setattr(triton_backend, "default_config", lambda device, dim: config)
+        config = TileConfig(block_b=256, block_c=1024, block_d=16, num_splits=4)
+        monkeypatch.setattr(triton_backend, "default_config", lambda *args: config)
     dim = 8  # small D: the weight and its gradient (C * D) stay small next to B * C
     logits_bytes = batch * num_classes * 4
     reference = _train_step_peak(reference_partial_fc_loss, batch, num_classes, dim)

@@ -19,8 +19,14 @@ _MIN_CHUNK = 128
 
 
 def chunk_bounds(batch: int, num_cols: int, device: torch.device, multiple_of: int = 1) -> tuple[range, int]:
-    """Block starts over the sampled columns, and the block width (a multiple of ``multiple_of``)."""
-    elements = _CUDA_BLOCK_ELEMENTS if device.type == "cuda" else _BLOCK_ELEMENTS
+    """Block starts over the sampled columns, and the block width (a multiple of ``multiple_of``).
+
+    On a GPU a block is also at most an eighth of ``[B, C]``, so that the blocks stay a small
+    share of the logits matrix they stand in for even where the whole of it would fit.
+    """
+    elements = _BLOCK_ELEMENTS
+    if device.type == "cuda":
+        elements = min(_CUDA_BLOCK_ELEMENTS, batch * num_cols // 8)
     chunk = max(_MIN_CHUNK, elements // max(batch, 1))
     chunk = max(multiple_of, chunk // multiple_of * multiple_of)
     return range(0, num_cols, chunk), chunk
@@ -51,13 +57,16 @@ def grad_from_numerators(numerators: torch.Tensor, offsets: torch.Tensor, lse: t
         numerators: [B, t * w] (w columns per tile, unit stride), each at most 1.
         offsets: [B, t] fp32/fp64, one per row and tile: the largest logit of the tile.
         lse, grad_lse: [B], the row LSE and its upstream gradient ``g``.
-        dtype: of the result (the numerators are converted, the per-tile factors too).
+        dtype: of the result. The product is taken in the wider of it and the numerators' dtype
+            (bf16 numerators for fp16 gradients: in fp32, so that small numerators are not
+            flushed to zero by fp16's range before they are scaled).
 
     Returns ``[B, t * w]`` (the target column still to be set by the caller).
     """
     batch, tiles = offsets.shape
-    factor = (offsets - lse[:, None]).exp_().mul_((grad_lse * scale)[:, None]).to(dtype)
-    return (numerators.to(dtype).view(batch, tiles, -1) * factor[:, :, None]).view(batch, -1)
+    work = torch.promote_types(numerators.dtype, dtype)
+    factor = (offsets - lse[:, None]).exp_().mul_((grad_lse * scale)[:, None]).to(work)
+    return (numerators.to(work).view(batch, tiles, -1) * factor[:, :, None]).view(batch, -1).to(dtype)
 
 
 def matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -78,8 +78,11 @@ def _softmax_grad_kernel(
     BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    row0 = tl.program_id(0) * BLOCK_B
-    c0 = tl.program_id(1) * BLOCK_C
+    # A 1-D grid, row tiles fastest: the programs that run together share a column tile (one
+    # read of the centers from DRAM), and there is no 65535 limit on the number of column tiles.
+    row_tiles = tl.cdiv(batch, BLOCK_B)
+    row0 = (tl.program_id(0) % row_tiles) * BLOCK_B
+    c0 = (tl.program_id(0) // row_tiles) * BLOCK_C
     offs_b = row0 + tl.arange(0, BLOCK_B)
     mask_b = offs_b < batch
     target_pos = tl.load(target_pos_ptr + offs_b, mask=mask_b, other=-1).to(tl.int32)
@@ -171,7 +174,7 @@ def softmax_grad(
     batch, dim = x_unit.shape
     if batch == 0 or w_unit.shape[0] == 0:
         return out
-    grid = (triton.cdiv(batch, config.block_b), triton.cdiv(w_unit.shape[0], config.block_c))
+    grid = (triton.cdiv(batch, config.block_b) * triton.cdiv(w_unit.shape[0], config.block_c),)
     _softmax_grad_kernel[grid](
         *_operands(x_unit, w_unit, config), target_pos, lse, grad_lse, grad_target_cos,
         descriptor(out, config.block_b, config.block_c), batch, dim, scale, **_launch_options(config, x_unit),

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import read_checkpoint
 from .images import load_image
 from .model import DocumentEmbedder
 
@@ -55,11 +56,7 @@ class CheckpointEmbedder:
 
     def __init__(self, path: str | Path, device: str | torch.device | None = None) -> None:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(state, dict) or "model" not in state:
-            raise ValueError(f"{path} is not a train.py checkpoint (no 'model' entry)")
+        state = read_checkpoint(path)
         config = state.get("config")
         if config is None:
             if not (path.parent / "config.json").exists():
@@ -86,11 +83,19 @@ class OnnxEmbedder:
             import onnxruntime
         except ImportError as error:
             raise ImportError("running an ONNX model needs onnxruntime: pip install onnxruntime") from error
-        if not Path(path).is_file():
+        path = Path(path)
+        if not path.exists():
             raise FileNotFoundError(f"ONNX model {path} does not exist")
+        if not path.is_file():
+            raise ValueError(f"{path} is a folder; expected an .onnx file written by `fastpfc-doc export`")
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
                      if p in onnxruntime.get_available_providers()]
-        self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        try:
+            self.session = onnxruntime.InferenceSession(str(path), providers=providers)
+        except Exception as error:  # noqa: BLE001 - onnxruntime's errors share no base class worth naming
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+            raise ValueError(f"{path} is not a valid ONNX model ({detail[:200]}); expected an .onnx file written "
+                             "by `fastpfc-doc export` (a train.py checkpoint must not end in .onnx)") from None
         meta = self.session.get_modelmeta().custom_metadata_map
         if _META_PREFIX + "model_id" not in meta:
             raise ValueError(f"{path} was not exported by fastpfc (no {_META_PREFIX}model_id metadata)")

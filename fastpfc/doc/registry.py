@@ -108,6 +108,20 @@ def _build_index(kind: str, dim: int, features: np.ndarray):
     raise ValueError(f"unknown index {kind!r}; choose one of {INDEXES}")
 
 
+def _open_registry_file(path: str | Path):
+    """``np.load`` of a registry (never unpickling), or a ValueError that says what the file is not."""
+    expected = "-r expects the .npz file that `fastpfc-doc register` writes (a new path creates one)"
+    try:
+        saved = np.load(path, allow_pickle=False)
+    except Exception as error:  # noqa: BLE001 - np.load raises many kinds for files of other kinds
+        raise ValueError(f"{path} is not a registry ({type(error).__name__}: {error}); {expected}") from None
+    if not isinstance(saved, np.lib.npyio.NpzFile) or not {"meta", "features", "ids", "index"} <= set(saved.files):
+        if isinstance(saved, np.lib.npyio.NpzFile):
+            saved.close()
+        raise ValueError(f"{path} is an archive without the entries of a registry; {expected}")
+    return saved
+
+
 class Registry:
     """Registered examples of ``embedder`` (see :mod:`fastpfc.doc.embedders`) and their faiss index."""
 
@@ -259,9 +273,11 @@ class Registry:
         """A saved registry; refused when ``embedder`` is not the model it was built with."""
         import faiss
 
+        if Path(path).is_dir():
+            raise ValueError(f"{path} is a folder; -r expects a registry file (.npz) written by `fastpfc-doc register`")
         if not Path(path).is_file():
             raise FileNotFoundError(f"registry {path} does not exist")
-        with np.load(path) as saved:
+        with _open_registry_file(path) as saved:
             meta = json.loads(saved["meta"].tobytes())
             if meta["version"] != FORMAT_VERSION:
                 raise ValueError(f"{path} has registry format {meta['version']}, this fastpfc reads {FORMAT_VERSION}")

@@ -7,21 +7,19 @@ import hashlib
 import json
 import math
 import os
-import random
 import signal
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from fastpfc import PartialFCLoss, create_margin
 
+from .checkpoints import check_resumable, read_checkpoint, save_checkpoint, set_rng_state, training_state
 from .distill import DISTILL_LOSSES, ClipTeacher, teacher_features
 from .embedders import model_identity
 from .evaluation import evaluate_embedder, registration_split
@@ -157,19 +155,6 @@ def evaluate(model: DocumentEmbedder, config: TrainConfig, device: torch.device)
     return {"model_id": model_identity(model), **result}  # ties eval.json's thresholds to these weights
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class Student(nn.Module):
     """The embedder plus, when distilling, a bias-free projection of its embedding to the teacher's
     dimension. ``forward`` gives ``(embeddings [B, D], projections [B, T] or None)``."""
@@ -225,47 +210,13 @@ def _teacher(config: TrainConfig, device: torch.device, progress: bool):
     return features, teacher.dim
 
 
-def save_checkpoint(path: Path, step: int, config: TrainConfig, student: Student, loss_fn, optimizer,
-                    scheduler) -> None:
-    """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint. The
-    config travels with it, so ``fastpfc.doc.embedders.CheckpointEmbedder`` can rebuild the model."""
-    state = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-             "config": asdict(config), "model": student.embedder.state_dict(),
-             "loss": loss_fn.state_dict(),
-             "projection": student.projection.state_dict() if student.projection is not None else None,
-             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state()}
-    partial = path.with_suffix(".tmp")
-    torch.save(state, partial)
-    if dist.is_initialized():
-        dist.barrier()  # every rank has written its file before any replaces its previous one
-    os.replace(partial, path)
-
-
-#: Options that may differ when a run is resumed; any other difference is refused.
-RESUMABLE_CHANGES = frozenset({"run_dir", "steps", "workers", "checkpoint_every", "compile", "channels_last",
-                               "teacher_cache"})
-
-
-def _check_resumable(path: Path, saved: dict, config: TrainConfig) -> None:
-    current = asdict(config)
-    changed = sorted(k for k in current.keys() | saved.keys()
-                     if k not in RESUMABLE_CHANGES and saved.get(k) != current.get(k))
-    if changed:
-        raise ValueError(f"{path} was saved by a run with other options ("
-                         + ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} now {current.get(k)}" for k in changed)
-                         + "); resuming would not continue that run: use its options or a new --run-dir")
-    if saved["steps"] != config.steps:
-        warnings.warn(f"resuming with --steps {config.steps} instead of {saved['steps']}: the learning-rate "
-                      "schedule from here on is the new one's", stacklevel=3)
-
-
 def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn, optimizer, scheduler, world: int,
                      device: torch.device) -> int:
     """Restore everything from ``path``; returns its step. If any rank fails, every rank raises."""
     error, step = None, -1
     try:
-        state = torch.load(path, weights_only=False, map_location="cpu")
-        _check_resumable(path, state["config"], config)
+        state = read_checkpoint(path)
+        check_resumable(path, state["config"], asdict(config))
         if state.get("world_size", 1) != world:
             raise ValueError(f"{path} was written by {state.get('world_size', 1)} processes and this run has "
                              f"{world}; resume with the same number (or start a new --run-dir)")
@@ -275,7 +226,7 @@ def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn,
         loss_fn.load_state_dict(state["loss"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
         step = state["step"]
     except Exception as caught:  # noqa: BLE001 - whatever it is, every rank must learn of it
         error = caught
@@ -413,13 +364,13 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
             if step % config.checkpoint_every == 0 or stop:
-                save_checkpoint(checkpoint, step, config, student, loss_fn, optimizer, scheduler)
+                save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizer, scheduler))
             if stop:
                 raise KeyboardInterrupt(f"interrupted: step {step} saved to {checkpoint}; run again to resume")
     finally:
         bar.close()
         interrupted.restore()
-    save_checkpoint(checkpoint, step, config, student, loss_fn, optimizer, scheduler)
+    save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizer, scheduler))
     if not lead:
         dist.barrier()
         return {}

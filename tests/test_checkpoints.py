@@ -1,0 +1,130 @@
+"""Checkpoints are read with weights_only=True: a payload is refused, wrong kinds of files are named,
+and every fastpfc-doc subcommand answers a wrong file with one line and exit status 2."""
+
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastpfc.doc.checkpoints import CheckpointError, read_checkpoint, rng_state, set_rng_state
+from fastpfc.doc.cli import main
+from fastpfc.doc.embedders import CheckpointEmbedder
+from fastpfc.doc.model import DocumentEmbedder
+
+
+class _Payload:
+    """Unpickling this runs ``os.mkdir(marker)``: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A real (untrained, tiny) checkpoint and files of every wrong kind."""
+    root = tmp_path_factory.mktemp("files")
+    torch.manual_seed(0)
+    model = DocumentEmbedder("lcnet_050", 16, 32, "ln+bn")
+    config = {"backbone": "lcnet_050", "embedding_size": 16, "image_size": 32, "head_norm": "ln+bn"}
+    good = root / "checkpoint.pt"
+    torch.save({"model": model.state_dict(), "config": config}, good)
+    paths = {"good": good}
+    paths["payload"] = root / "payload.pt"
+    torch.save({"model": model.state_dict(), "config": config, "extra": _Payload(str(root / "pwned"))},
+               paths["payload"])
+    paths["text"] = root / "metrics.jsonl"
+    paths["text"].write_text('{"step": 1, "loss": 3.2}\n')
+    paths["npz"] = root / "registry.npz"
+    np.savez(paths["npz"], features=np.zeros((2, 3), np.float32))
+    paths["onnx"] = root / "model.onnx"
+    paths["onnx"].write_bytes(b"\x08\x07\x12\x07pytorch" + bytes(range(40)))
+    paths["empty"] = root / "empty.pt"
+    paths["empty"].write_bytes(b"")
+    paths["truncated"] = root / "truncated.pt"
+    paths["truncated"].write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    paths["folder"] = root / "folder"
+    paths["folder"].mkdir()
+    images = root / "images" / "bank_card"
+    images.mkdir(parents=True)
+    for i in range(2):
+        torch.manual_seed(i)
+        Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy()).save(images / f"{i}.png")
+    paths["images"] = root / "images"
+    return paths
+
+
+def test_a_checkpoint_with_a_payload_is_refused_before_it_runs(files):
+    marker = files["payload"].parent / "pwned"
+    with pytest.raises(CheckpointError, match="refused to load .*other than tensors and plain data"):
+        read_checkpoint(files["payload"])
+    with pytest.raises(CheckpointError, match="refused"):
+        CheckpointEmbedder(files["payload"], device="cpu")
+    assert not marker.exists()
+    torch.load(files["payload"], weights_only=False)  # the file does carry a payload: loading it unsafely runs it
+    assert marker.exists()
+    marker.rmdir()
+
+
+@pytest.mark.parametrize("kind, says", [("text", "a text file"), ("npz", "NumPy .npz archive"),
+                                        ("onnx", "an ONNX model"), ("empty", "an empty file"),
+                                        ("truncated", "damaged or truncated"), ("folder", "a folder")])
+def test_wrong_kinds_of_files_are_named(files, kind, says):
+    with pytest.raises(CheckpointError, match=says):
+        read_checkpoint(files[kind])
+
+
+def test_a_real_checkpoint_loads(files):
+    embedder = CheckpointEmbedder(files["good"], device="cpu")
+    assert embedder.dim == 16 and embedder(torch.rand(2, 3, 32, 32)).shape == (2, 16)
+
+
+@pytest.mark.parametrize("kind", ["payload", "text", "npz", "onnx", "empty", "truncated", "folder"])
+def test_every_subcommand_answers_a_wrong_model_file_with_one_line_and_status_2(files, kind, capsys, tmp_path):
+    model = str(files[kind])
+    registry = str(tmp_path / "reg.npz")
+    commands = [["register", "-m", model, "-r", registry, str(files["images"])],
+                ["classify", "-m", model, "-r", registry, str(files["images"])],
+                ["remove", "-m", model, "-r", registry, "bank_card"],
+                ["export", "-m", model, "-o", str(tmp_path / "out.onnx")],
+                ["eval", "-m", model, str(files["images"])]]
+    for command in commands:
+        assert main(["--quiet", *command]) == 2, command
+        err = capsys.readouterr().err
+        assert err.startswith(f"fastpfc-doc {command[0]}: error: ") and err.count("\n") == 1, err
+    assert not (files["payload"].parent / "pwned").exists()
+
+
+@pytest.mark.parametrize("kind", ["good", "text", "onnx", "empty", "folder"])
+def test_a_wrong_registry_file_gets_one_line_and_status_2(files, kind, capsys):
+    assert main(["--quiet", "classify", "-m", str(files["good"]), "-r", str(files[kind]),
+                 str(files["images"])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastpfc-doc classify: error: ") and err.count("\n") == 1, err
+    assert "registry" in err
+
+
+def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
+    torch.manual_seed(1), random.seed(2), np.random.seed(3)
+    np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
+    torch.save({"model": {}, "rng": rng_state()}, tmp_path / "state.pt")
+    expected = (torch.rand(3), random.random(), np.random.standard_normal(2))
+    set_rng_state(read_checkpoint(tmp_path / "state.pt")["rng"])
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.array_equal(np.random.standard_normal(2), expected[2])
+
+
+def test_checkpoints_of_earlier_versions_still_load(tmp_path):
+    """Before, NumPy's state was pickled as its tuple (an array inside): still readable, nothing else is."""
+    np.random.seed(4)
+    legacy = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state(),
+              "cuda": None}
+    torch.save({"model": {}, "rng": legacy}, tmp_path / "old.pt")
+    expected = np.random.standard_normal(2)
+    set_rng_state(read_checkpoint(tmp_path / "old.pt")["rng"])
+    assert np.array_equal(np.random.standard_normal(2), expected)

@@ -168,3 +168,36 @@ def test_sub_labels_on_synthetic_variants(checkpoint, tmp_path, capsys):
     assert code == 0 and summary["num_registered_type_queries"] == 2 * 2 * 4
     assert summary["sub_label_accuracy"] <= summary["parent_accuracy_of_sub_label_queries"] <= 1
     assert summary["num_unregistered_type_queries"] == 2 * 2 and summary["rejection_rate"] == 0.0  # threshold -1
+
+
+def test_register_refuses_a_folder_one_level_too_high(checkpoint, tmp_path, capsys):
+    """demo/ holds register/, new/ and queries/: given as the folder, its sub-folders would become
+    three types with every real type a sub-label. Refused with a reason; --force registers it."""
+    demo, registry = tmp_path / "demo", str(tmp_path / "reg.npz")
+    assert _run(capsys, "synth", str(demo), "--types", "20", "--captures", "1")[0] == 0
+    code, out, err = _run(capsys, "register", "-m", checkpoint, "-r", registry, str(demo))
+    assert code == 2 and "folder of folders of types" in err and "new, queries, register" in err
+    assert not (tmp_path / "reg.npz").exists()
+    code, out, _ = _run(capsys, "register", "-m", checkpoint, "-r", registry, "--force", str(demo))
+    assert code == 0 and "holds 40 examples of 40 labels" in out  # 10 + 10 + 20 <type>/<sub-label> labels
+    code, out, _ = _run(capsys, "register", "-m", checkpoint, "-r", str(tmp_path / "two.npz"),
+                        str(demo / "register"))
+    assert code == 0 and out.startswith("registering 10 images of 10 labels: ")
+
+
+def test_classify_shows_the_best_match_of_rejected_images_and_only_measured_rates(checkpoint, tmp_path, capsys):
+    demo, registry = tmp_path / "demo", str(tmp_path / "reg.npz")
+    assert _run(capsys, "synth", str(demo), "--types", "4", "--captures", "1")[0] == 0
+    assert _run(capsys, "register", "-m", checkpoint, "-r", registry, str(demo / "register"))[0] == 0
+    registered = sorted(p.name for p in (demo / "register").iterdir())
+    code, out, _ = _run(capsys, "classify", "-m", checkpoint, "-r", registry, "--threshold", "1.0",
+                        str(demo / "queries"))
+    rows = out.splitlines()
+    assert code == 0 and len(rows) == 4
+    for row in rows:  # everything is rejected at threshold 1, and each row still names its best match
+        best = re.search(r"unknown\s+([-0-9.]+)  \(best: (\S+)\)", row)
+        assert best and best.group(2) in registered, row
+    code, out, _ = _run(capsys, "classify", "-m", checkpoint, "-r", registry, "--threshold", "-1", "--labelled",
+                        str(demo / "register"))
+    assert code == 0 and "type_accuracy: 1.000" in out
+    assert "None" not in out and "rejection_rate" not in out and "sub_label_accuracy:" not in out

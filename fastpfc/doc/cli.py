@@ -22,7 +22,7 @@ from .demo import write_demo
 from .embedders import CheckpointEmbedder, embed_paths, export_onnx, load_embedder
 from .evaluation import evaluate_embedder, registration_split
 from .folders import ImageFolderDataset, list_images
-from .registry import INDEXES, UNKNOWN, Match, Registry, label_of
+from .registry import INDEXES, UNKNOWN, Match, Registry, label_of, labelled_images, layout_warning
 
 
 def _image_files(inputs: list[str]) -> list[tuple[Path, Path | None]]:
@@ -51,9 +51,20 @@ def _open_registry(args, create: bool = False) -> Registry:
     return Registry(embedder, args.index or "flat")
 
 
+#: Up to this many labels, register lists them before it embeds.
+_LABELS_LISTED = 12
+
+
 def register(args) -> int:
+    items = labelled_images(args.folder)
+    warning = layout_warning(items)
+    if warning and not args.force:
+        raise ValueError(warning)
     registry = _open_registry(args, create=True)
-    report = registry.add_folder(args.folder, progress=not args.quiet)
+    labels = sorted({t + (f"/{s}" if s else "") for _, t, s in items})
+    if len(labels) <= _LABELS_LISTED:
+        print(f"registering {len(items)} images of {len(labels)} labels: {', '.join(labels)}")
+    report = registry.add(items, progress=not args.quiet)
     registry.save(args.registry)
     for skipped, kept in report.duplicates:
         print(f"duplicate: {skipped} is the same file as {kept} (skipped)")
@@ -116,7 +127,7 @@ def classify(args) -> int:
     features = embed_paths(registry.embedder, [f for f, _ in files], progress=not args.quiet)
     matches = registry.classify_features(features, threshold, args.sub_threshold)
     rows = [{"image": str(f), "type": m.type, "sub_label": m.sub_label, "score": round(m.score, 4),
-             "example": m.source} for (f, _), m in zip(files, matches, strict=True)]
+             "example": m.source, "best": m.best} for (f, _), m in zip(files, matches, strict=True)]
     if args.top_k > 1:  # the k nearest registered examples of each image, whatever the threshold
         for row, hits in zip(rows, registry.search(features, args.top_k), strict=True):
             row["nearest"] = [{"type": e.type, "sub_label": e.sub_label, "score": round(score, 4),
@@ -132,11 +143,14 @@ def classify(args) -> int:
             label = r["type"] + (f"/{r['sub_label']}" if r["sub_label"] else "")
             nearest = "  ".join(f"{n['type']}{'/' + n['sub_label'] if n['sub_label'] else ''} {n['score']:.3f}"
                                 for n in r.get("nearest", [])[1:])
-            print(f"{r['image']:<{width}}  {label:<32} {r['score']:.3f}" + (f"   next: {nearest}" if nearest else ""))
+            best = f"  (best: {r['best']})" if r["type"] == UNKNOWN and r["best"] else ""
+            print(f"{r['image']:<{width}}  {label:<32} {r['score']:.3f}{best}"
+                  + (f"   next: {nearest}" if nearest else ""))
     if summary:
         print(f"threshold {threshold:.4f}" + (f" (FPR={args.fpr})" if args.threshold is None else ""))
         for key, value in summary.items():
-            print(f"{key:>40}: {value if value is None or isinstance(value, int) else f'{value:.3f}'}")
+            if value is not None:  # a rate with nothing to measure it on is not printed
+                print(f"{key:>40}: {value if isinstance(value, int) else f'{value:.3f}'}")
     return 0
 
 
@@ -182,6 +196,7 @@ def parser() -> argparse.ArgumentParser:
 
     sub = command("register", register, "register the images of a folder: <type>/[<sub-label>/]image")
     sub.add_argument("folder")
+    sub.add_argument("--force", action="store_true", help="register a folder whose layout looks one level too high")
     sub.add_argument("--index", choices=INDEXES,
                      help="faiss index of a new registry: flat (exact, the default), or ivf / hnsw (approximate, "
                           "for 100k+ examples)")

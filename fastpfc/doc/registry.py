@@ -51,6 +51,7 @@ class Match:
     sub_label: str | None
     score: float
     source: str | None  # the registered example that decided the type
+    best: str | None = None  # <type>[/<sub-label>] of the best example, also when it was rejected
 
 
 @dataclass
@@ -74,6 +75,30 @@ def labelled_images(root: str | Path) -> list[tuple[Path, str, str | None]]:
     """``(path, type, sub-label)`` of the images under ``root``, sorted by path."""
     root = Path(root)
     return [(root / relative, *label_of(root / relative, root)) for relative in list_images(root)]
+
+
+#: A folder whose "types" average this many sub-labels, shared between them, looks like a folder
+#: of type folders (e.g. demo/ holding register/, new/ and queries/) given one level too high.
+_SUSPECT_SUB_LABELS_PER_TYPE = 8
+
+
+def layout_warning(items: list[tuple[Path, str, str | None]]) -> str | None:
+    """Why ``items`` (from :func:`labelled_images`) look like the parent of the intended folder:
+    every image sits in a second-level folder, the "types" have many such folders each, and the
+    same names recur under several of them (real sub-labels are few per type). ``None`` otherwise."""
+    if not items or any(sub_label is None for _, _, sub_label in items):
+        return None
+    subs: dict[str, set[str]] = {}
+    for _, doc_type, sub_label in items:
+        subs.setdefault(doc_type, set()).add(sub_label)
+    names = [name for group in subs.values() for name in group]
+    shared = len(names) - len(set(names))
+    if len(names) / len(subs) < _SUSPECT_SUB_LABELS_PER_TYPE or shared == 0:
+        return None
+    return (f"the folder looks like a folder of folders of types: its {len(subs)} top-level folders "
+            f"({', '.join(sorted(subs)[:5])}{', ...' if len(subs) > 5 else ''}) would become types with "
+            f"{len(names)} sub-labels, {shared} of them repeated under several types; register one of those "
+            f"folders (the layout is <folder>/<type>/[<sub-label>/]image), or pass --force")
 
 
 def _digest(path: Path) -> str:
@@ -231,11 +256,12 @@ class Registry:
         matches = []
         for hits in self.search(queries, 1):
             score, best = hits[0] if hits else (-1.0, None)  # an IVF probe may find no list with entries
+            best_label = None if best is None else _label(best)
             if best is None or score <= threshold:  # accepted strictly above, as in fastpfc.doc.evaluation
-                matches.append(Match(UNKNOWN, None, score, None))
+                matches.append(Match(UNKNOWN, None, score, None, best_label))
             else:
                 matches.append(Match(best.type, best.sub_label if score > sub_threshold else None, score,
-                                     best.source))
+                                     best.source, best_label))
         return matches
 
     def classify(self, paths: list[Path], threshold: float, sub_threshold: float | None = None,

@@ -10,7 +10,6 @@ eval.json, loss.png, roc.png); running again with the same folder resumes it exa
 
 import argparse
 import dataclasses
-import json
 
 import torch.distributed as dist
 
@@ -44,7 +43,9 @@ def main() -> None:
         print(f"{name:>9}: TPR@FPR=1e-4 {point['tpr']:.3f} (threshold {point['threshold']:.3f}, "
               f"{result['verification']['num_impostor']} impostor pairs{caveat}) | registration accuracy "
               f"{registration['accuracy']:.3f}, unregistered types rejected {registration['rejection_rate']:.3f}")
-    print(json.dumps({"run_dir": config.run_dir}))
+    if results:  # rank 0
+        print(f"results in {config.run_dir}/: eval.json (the numbers above), checkpoint.pt (for fastpfc-doc -m; "
+              "running again resumes), metrics.jsonl and loss.png (loss and learning rate per step), roc.png")
 
 
 if __name__ == "__main__":

@@ -409,8 +409,15 @@ def _plot(run: Path, results: dict) -> None:
         return
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in records], [r["loss"] for r in records])
-    ax.set(xlabel="step", ylabel="loss", title="training loss")
+    steps = [r["step"] for r in records]
+    ax.plot(steps, [r["loss"] for r in records], label="loss")
+    ax.set(xlabel="step", ylabel="loss", title="training loss and learning rate")
+    lr_axis = ax.twinx()
+    lr_axis.plot(steps, [r["lr"] for r in records], color="tab:orange", label="learning rate")
+    lr_axis.set_ylabel("learning rate (backbone)")
+    lines = ax.get_lines() + lr_axis.get_lines()
+    ax.legend(lines, [line.get_label() for line in lines], loc="best")
+    fig.tight_layout()
     fig.savefig(run / "loss.png", dpi=100)
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, result in results.items():

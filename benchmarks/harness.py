@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import json
 import resource
 import subprocess
@@ -122,38 +123,52 @@ def _plain_softmax_peer(linear_ce: Callable, case: Case, inputs: Inputs) -> Loss
 
 
 def _liger(case: Case, device: torch.device, inputs: Inputs) -> LossFn:
-    try:
-        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
-    except ImportError as error:
-        raise Unavailable("liger-kernel is not installed") from error
-    if device.type != "cuda":
-        raise Unavailable("liger-kernel needs CUDA")
+    from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
     loss = LigerFusedLinearCrossEntropyLoss()
     return _plain_softmax_peer(lambda x, w, y: loss(w, x, y), case, inputs)
 
 
 def _cut_cross_entropy(case: Case, device: torch.device, inputs: Inputs) -> LossFn:
-    try:
-        from cut_cross_entropy import linear_cross_entropy
-    except ImportError as error:
-        raise Unavailable("cut-cross-entropy is not installed") from error
-    if device.type != "cuda" or case.dtype == "fp32":
-        raise Unavailable("cut-cross-entropy needs CUDA and fp16/bf16")
+    from cut_cross_entropy import linear_cross_entropy
+
+    if case.dtype == "fp32":
+        raise Unavailable("cut-cross-entropy needs fp16/bf16")
     return _plain_softmax_peer(linear_cross_entropy, case, inputs)
 
 
 def _torch_chunked_ce(case: Case, device: torch.device, inputs: Inputs) -> LossFn:
-    options = getattr(torch.nn, "LinearCrossEntropyOptions", None)
-    if options is None:
-        raise Unavailable("this torch has no chunked linear_cross_entropy")
+    options = torch.nn.LinearCrossEntropyOptions
     return _plain_softmax_peer(
         lambda x, w, y: torch.nn.functional.linear_cross_entropy(x, w, y, options=options()), case, inputs)
 
 
 def _compiled_reference(case: Case, device: torch.device, inputs: Inputs) -> LossFn:
-    if device.type != "cuda":
-        raise Unavailable("torch.compile of the reference is measured on CUDA only")
     return _sampled(torch.compile(reference_partial_fc_loss, dynamic=False), case)
+
+
+def _package_missing(package: str, module: str, device: torch.device) -> str | None:
+    if importlib.util.find_spec(module) is None:
+        return f"{package} is not installed"
+    return None if device.type == "cuda" else f"{package} needs CUDA"
+
+
+#: Implementation name -> why it cannot run on this machine at all (a package, CUDA, the torch
+#: version), or ``None``. Checked before any case is built; case-dependent limits raise
+#: :class:`Unavailable` from the factory.
+MISSING_HERE: dict[str, Callable[[torch.device], str | None]] = {
+    "reference-compiled": lambda device: None if device.type == "cuda" else "measured on CUDA only",
+    "torch-chunked-ce": lambda device: (None if hasattr(torch.nn, "LinearCrossEntropyOptions")
+                                        else "this torch has no chunked linear_cross_entropy"),
+    "liger": lambda device: _package_missing("liger-kernel", "liger_kernel", device),
+    "cut-cross-entropy": lambda device: _package_missing("cut-cross-entropy", "cut_cross_entropy", device),
+}
+
+
+def missing_here(impl: str, device: torch.device) -> str | None:
+    """Why ``impl`` cannot run on ``device`` of this machine, or ``None`` when it can."""
+    check = MISSING_HERE.get(impl)
+    return None if check is None else check(device)
 
 
 def _stored_numerators(case: Case, device: torch.device, inputs: Inputs) -> LossFn:

@@ -11,12 +11,14 @@ import statistics
 import pytest
 import torch
 
+from benchmarks import summary
 from benchmarks.harness import (
     IMPLEMENTATIONS,
     Unavailable,
     cases_for,
     make_inputs,
     measure_peak,
+    missing_here,
     probe,
     quick_cases,
     run_step,
@@ -33,9 +35,11 @@ _REFERENCE: dict[tuple[str, str], tuple[float, int | None]] = {}
 #: ``quick_cases`` and leaves out the compiled reference, whose compilation per shape takes minutes.
 QUICK = os.environ.get("FASTPFC_BENCH_QUICK") == "1"
 CASES = quick_cases(DEVICE) if QUICK else cases_for(DEVICE)
+#: Implementations that cannot run on this machine are not collected; the summary names them once.
+summary.NOT_RUN.update({impl: why for impl in IMPLEMENTATIONS if (why := missing_here(impl, DEVICE))})
 PARAMS = [pytest.param(case, pass_name, impl, id=f"{case.name}-{pass_name}-{impl}")
           for case in CASES for pass_name in PASSES for impl in IMPLEMENTATIONS
-          if not (QUICK and impl == "reference-compiled")]
+          if impl not in summary.NOT_RUN and not (QUICK and impl == "reference-compiled")]
 
 
 @pytest.mark.parametrize("case, pass_name, impl", PARAMS)
@@ -70,3 +74,6 @@ def test_loss_step(benchmark, case, pass_name, impl):
         ref_time, ref_peak = _REFERENCE[case.name, pass_name]
         benchmark.extra_info["speedup"] = ref_time / median
         benchmark.extra_info["memory_ratio"] = None if not ref_peak else peak / ref_peak
+    summary.RESULTS.append(summary.Result(case.name, pass_name, impl, 1e3 * median, peak / 2**20,
+                                          benchmark.extra_info.get("speedup"),
+                                          benchmark.extra_info.get("memory_ratio")))

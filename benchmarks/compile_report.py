@@ -14,7 +14,7 @@ operand dtype, this reports:
 Then the work of one training step at the headline shape (:mod:`benchmarks.step_cost`): FLOPs and
 DRAM bytes of every kernel and GEMM, and a roofline estimate of its time.
 
-It writes ``benchmarks/results/sm90-compile.md`` (``--json`` prints the rows instead). The
+It writes ``benchmarks/results/sm90-compile-triton<version>.md`` (``--json`` prints the rows instead). The
 kernels must not be imported under ``TRITON_INTERPRET=1`` (the interpreter replaces them).
 """
 
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
             print(json.dumps(asdict(row)))
         return
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sm90-compile.md").write_text(markdown(rows))
+    (RESULTS / f"sm90-compile-triton{triton.__version__}.md").write_text(markdown(rows))
     print(markdown(rows))
 
 

@@ -59,7 +59,7 @@ class TileConfig:
 
 
 #: sm_90 tiles by operand dtype, the spill-free ones with the fewest epilogue instructions per
-#: logit element in benchmarks/results/sm90-compile.md: 128x128 tiles give ``HGMMA.64x128x16`` for
+#: logit element in benchmarks/results/sm90-compile-triton*.md: 128x128 tiles give ``HGMMA.64x128x16`` for
 #: bf16/fp16 (one warpgroup) and ``HGMMA.64x128x8`` for fp32 as 3xTF32 (two warpgroups).
 SM90_TILES = {
     torch.bfloat16: TileConfig(block_b=128, block_c=128, block_d=64, num_warps=4, num_stages=3),

@@ -59,7 +59,7 @@ def agree_on_inputs(
         check_shapes(embeddings, labels, weight_shard)
         if validate and num_classes is not None and labels.numel() > 0:
             check_values(embeddings, labels, num_classes)
-    except (TypeError, ValueError) as rejected:
+    except Exception as rejected:  # noqa: BLE001 - whatever the check raised, every rank must learn of it
         error = rejected
     mine = [0, 1, 0] if error is not None else [embeddings.shape[0], 0, int(embeddings.requires_grad)]
     world_size, _ = world(group)

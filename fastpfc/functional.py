@@ -22,7 +22,7 @@ import torch
 
 from .margins import Margin
 from .normalize import inv_norms, normalize_backward
-from .validation import check_shapes, check_values
+from .validation import check_sample, check_shapes, check_values
 
 #: Backend name -> module; imported on first use, so the torch backend works without Triton.
 BACKENDS: dict[str, str] = {"torch": "fastpfc.torch_backend", "triton": "fastpfc.triton_backend"}
@@ -63,13 +63,13 @@ class MarginSoftmax(torch.autograd.Function):
         target_pos = target_pos.contiguous()  # the kernels read both as flat arrays
         index = None if index is None else index.contiguous()
         x_c = x.to(torch.promote_types(x.dtype, torch.float32))
-        x_inv_norm = inv_norms(x_c)
+        x_inv_norm = inv_norms(x_c, rescale=True)  # embeddings may be of any size
         has_target = target_pos >= 0
         target_rows = target_pos.clamp_min(0)  # rows without a target (-1) read row 0, then mask it
         if index is not None:
             target_rows = index[target_rows] if index.numel() > 0 else torch.zeros_like(target_rows)
         w_target = weight[target_rows].to(x_c.dtype)
-        cos_target = (x_c * w_target).sum(dim=1) * x_inv_norm * inv_norms(w_target)
+        cos_target = (x_c * x_inv_norm[:, None] * w_target).sum(dim=1) * inv_norms(w_target)
         target_logit = torch.where(has_target, margin(cos_target), 0.0)
         lse, saved = backend.forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, margin.scale,
                                          memory_budget)
@@ -175,14 +175,15 @@ def partial_fc_loss(
     Args:
         embeddings: [B, D] fp32/fp16/bf16; not normalized (that happens inside).
         weight: [C_total, D] class centers.
-        labels: int64 [B] class ids in ``[0, C_total)``; every label must be in ``index``.
+        labels: [B] class ids in ``[0, C_total)``, any integer dtype; every label must be in ``index``.
         margin: a :class:`fastpfc.margins.Margin`.
         index: int64 [C] sorted unique class ids, e.g. from :func:`fastpfc.sampling.sample_centers`.
         target_pos: int64 [B], ``labels``' positions in ``index`` (computed when ``None``).
         reduction: ``'mean'``, ``'sum'`` or ``'none'`` (then [B], fp32).
         backend: ``'auto'``, ``'triton'`` or ``'torch'``.
-        validate: check shapes, label range, finite embeddings and that ``index`` is sorted,
-            unique and holds every label (one host sync); ``False`` skips it.
+        validate: check shapes, label range, finite embeddings, that ``index`` is sorted, unique
+            and holds every label, and that ``target_pos`` points at them (one host sync);
+            ``False`` skips it.
         memory_budget: bytes the backward may keep from the forward (see :func:`margin_softmax`).
 
     An empty batch gives a zero loss (an empty [0] tensor for ``'none'``) that still
@@ -190,10 +191,13 @@ def partial_fc_loss(
     """
     if validate:
         check_shapes(embeddings, labels, weight)
-    labels = labels.contiguous()
-    index = None if index is None else index.contiguous()
-    if validate and labels.numel() > 0:
-        check_values(embeddings, labels, weight.shape[0], index)
+        check_sample(index, target_pos, labels)
+        if labels.numel() > 0:
+            check_values(embeddings, labels, weight.shape[0], index, target_pos)
+    # Any integer dtype in, int64 to the kernels (a narrow or unsigned dtype would be read wrongly).
+    labels = labels.to(torch.int64).contiguous()
+    index = None if index is None else index.to(torch.int64).contiguous()
+    target_pos = None if target_pos is None else target_pos.to(torch.int64).contiguous()
     if embeddings.shape[0] == 0:
         return empty_batch_loss(embeddings, weight, reduction)
     if target_pos is None:

@@ -25,8 +25,8 @@ _ACOS_EPS = 1e-6
 
 def _check_non_negative(**values: float) -> None:
     for name, value in values.items():
-        if not value >= 0:
-            raise ValueError(f"margin parameter {name} must be >= 0, got {value}")
+        if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"margin parameter {name} must be a finite number >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class Margin:
 
     def __post_init__(self) -> None:
         _check_non_negative(s=self.s)
+        if self.s == 0:
+            raise ValueError("margin scale s must be > 0 (s = 0 makes every logit 0: nothing to learn)")
 
     @property
     def scale(self) -> float:
@@ -57,7 +59,9 @@ def _angular_margin(cos: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
     theta = torch.acos(cos.clamp(-1 + _ACOS_EPS, 1 - _ACOS_EPS))
     theta_max = (math.pi - m2) / m1
     fallback = cos - (1.0 + math.cos(theta_max))
-    return torch.where(theta <= theta_max, torch.cos(m1 * theta + m2), fallback)
+    # The branch not taken is still differentiated: keep its angle at most pi, so that a large m1
+    # can neither overflow it nor send a NaN gradient through torch.where.
+    return torch.where(theta <= theta_max, torch.cos(m1 * theta.clamp(max=theta_max) + m2), fallback)
 
 
 @dataclass(frozen=True)
@@ -122,8 +126,8 @@ class CombinedMargin(Margin):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_non_negative(m2=self.m2, m3=self.m3)
-        if not self.m1 >= 1.0:
-            raise ValueError(f"CombinedMargin m1 must be >= 1, got {self.m1}")
+        if not (isinstance(self.m1, int | float) and math.isfinite(self.m1) and self.m1 >= 1.0):
+            raise ValueError(f"CombinedMargin m1 must be a finite number >= 1, got {self.m1!r}")
         if self.m2 >= math.pi:
             raise ValueError(f"CombinedMargin m2 must be < pi, got {self.m2}")
 

@@ -8,9 +8,17 @@ import torch
 NORM_EPS = 1e-12
 
 
-def inv_norms(x: torch.Tensor) -> torch.Tensor:
-    """``1 / max(||x_i||, eps)`` for the rows of ``x`` [N, D]; returns [N] in x's dtype."""
-    return torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS).reciprocal()
+def inv_norms(x: torch.Tensor, rescale: bool = False) -> torch.Tensor:
+    """``1 / max(||x_i||, eps)`` for the rows of ``x`` [N, D]; returns [N] in x's dtype.
+
+    With ``rescale`` each row is divided by its largest magnitude first (one more pass), so that
+    the sum of squares cannot overflow: rows of fp32 values above ~1e19 keep their direction.
+    """
+    if not rescale:
+        return torch.linalg.vector_norm(x, dim=1).clamp_min(NORM_EPS).reciprocal()
+    peak = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(x.dtype).tiny)
+    norm = torch.linalg.vector_norm(x / peak, dim=1) * peak.squeeze(1)
+    return norm.clamp_min(NORM_EPS).reciprocal()
 
 
 def normalize_backward(grad_unit: torch.Tensor, unit: torch.Tensor, inv_norm: torch.Tensor) -> torch.Tensor:

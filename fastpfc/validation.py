@@ -27,17 +27,44 @@ def check_shapes(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.T
                              "move the loss module with .to(device)")
 
 
+def check_sample(index: torch.Tensor | None, target_pos: torch.Tensor | None, labels: torch.Tensor) -> None:
+    """Types, shapes and devices of a sample ``index`` [C] and ``target_pos`` [B]: metadata only."""
+    for name, tensor, length in (("index", index, None), ("target_pos", target_pos, labels.shape[0])):
+        if tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype.is_floating_point or tensor.dtype.is_complex \
+                or tensor.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer tensor (int64), got "
+                            f"{tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__}")
+        if tensor.dim() != 1 or (length is not None and tensor.shape[0] != length):
+            raise ValueError(f"{name} must have shape [{'C' if length is None else length}], got {list(tensor.shape)}")
+        if tensor.device != labels.device:
+            raise ValueError(f"{name} is on {tensor.device} but the labels are on {labels.device}")
+
+
 def check_values(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: int,
-                 index: torch.Tensor | None = None) -> None:
+                 index: torch.Tensor | None = None, target_pos: torch.Tensor | None = None) -> None:
     """Label range, finite embeddings and (given ``index``) a usable sample, with one host sync.
 
-    ``index`` must be sorted, unique, within ``[0, num_classes)`` and hold every label.
+    ``index`` must be sorted, unique, within ``[0, num_classes)`` and hold every label;
+    ``target_pos``, if given, must point at each row's label in ``index`` (or be the label itself
+    without an index). Labels of any integer dtype are compared as int64.
     """
+    labels = labels.to(torch.int64).contiguous()
     checks = [labels.min() < 0, labels.max() >= num_classes, ~torch.isfinite(embeddings).all()]
     if index is not None:
-        position = torch.searchsorted(index, labels).clamp_max(max(index.numel() - 1, 0))
+        if index.numel() == 0:
+            raise ValueError("index is empty, but every label must be among the sampled classes in index")
+        index = index.to(torch.int64).contiguous()
+        position = torch.searchsorted(index, labels).clamp_max(index.numel() - 1)
         checks += [(index[1:] <= index[:-1]).any(), (index.min() < 0) | (index.max() >= num_classes),
                    (index[position] != labels).any()]
+    if target_pos is not None:
+        size = num_classes if index is None else index.numel()
+        target_pos = target_pos.to(torch.int64)
+        inside = (target_pos >= 0) & (target_pos < size)
+        found = target_pos.clamp(0, size - 1) if index is None else index[target_pos.clamp(0, size - 1)]
+        checks.append((~inside | (found != labels)).any())
     flags = torch.stack(checks).tolist()
     if flags[0] or flags[1]:
         bad = labels[(labels < 0) | (labels >= num_classes)]
@@ -51,3 +78,6 @@ def check_values(embeddings: torch.Tensor, labels: torch.Tensor, num_classes: in
         raise ValueError(f"index must hold sorted, unique class ids in [0, {num_classes})")
     if index is not None and flags[5]:
         raise ValueError("every label must be among the sampled classes in index")
+    if target_pos is not None and flags[-1]:
+        raise ValueError("target_pos must give each row's label position "
+                         + ("in index (index[target_pos] == labels)" if index is not None else "(== labels)"))

@@ -20,12 +20,14 @@ from fastpfc.doc.training import TrainConfig, train  # noqa: E402
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
-    """A tiny trained run. It needs a few dozen steps: after only a handful, BatchNorm's running
-    statistics are still near their initial values and, in eval mode, every image gets the same
-    embedding (pairwise cosines 1.0 to 6 digits), which would leave nothing for the tests to tell apart."""
+    """A tiny trained run. Its BatchNorm statistics are recomputed after the last step: the running
+    averages of a short run remember weights training has since changed, and in eval mode every
+    image then gets nearly the same embedding (median pairwise cosine 0.9998 after these 30 steps,
+    -0.43 once recalibrated), which would leave nothing for the tests to tell apart."""
     run = tmp_path_factory.mktemp("run")
     train(TrainConfig(run_dir=str(run), image_size=32, embedding_size=16, train_types=8, per_type=2, eval_types=6,
-                      eval_per_type=3, steps=30, lr=1.5e-2, batch_size=8, warmup_steps=1, workers=0), progress=False)
+                      eval_per_type=3, steps=30, lr=1.5e-2, batch_size=8, warmup_steps=1, workers=0,
+                      precise_bn_batches=4), progress=False)
     return str(run / "checkpoint.pt")
 
 
@@ -201,3 +203,14 @@ def test_classify_shows_the_best_match_of_rejected_images_and_only_measured_rate
                         str(demo / "register"))
     assert code == 0 and "type_accuracy: 1.000" in out
     assert "None" not in out and "rejection_rate" not in out and "sub_label_accuracy:" not in out
+
+
+def test_a_nan_threshold_is_refused(checkpoint, tmp_path, capsys):
+    """NaN compares false with every score, so it used to accept every query as known."""
+    demo, registry = tmp_path / "demo", str(tmp_path / "reg.npz")
+    assert _run(capsys, "synth", str(demo), "--types", "2", "--captures", "1")[0] == 0
+    assert _run(capsys, "register", "-m", checkpoint, "-r", registry, str(demo / "register"))[0] == 0
+    for option in (["--threshold", "nan"], ["--threshold", "0.5", "--sub-threshold", "nan"]):
+        code, out, err = _run(capsys, "classify", "-m", checkpoint, "-r", registry, "--json", *option,
+                              str(demo / "queries"))
+        assert code == 2 and "must be a finite score" in err and out == ""

@@ -102,6 +102,24 @@ def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
 
 
+def test_diverged_embeddings_stop_with_the_step_and_keep_the_checkpoint(tmp_path, monkeypatch):
+    """Non-finite embeddings (a diverged network) used to stop with the loss's input error; the run
+    names the step as for a non-finite loss."""
+    config = _config(tmp_path)
+    real_forward = training.Student.forward
+    calls = []
+
+    def forward(self, images):
+        calls.append(1)
+        embeddings, projections = real_forward(self, images)
+        return (embeddings * float("inf") if len(calls) == 5 else embeddings), projections
+
+    monkeypatch.setattr(training.Student, "forward", forward)
+    with pytest.raises(FloatingPointError, match="embeddings are not finite at step 4"):
+        train(config, progress=False)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
+
+
 def test_torchrun_trains_with_ddp_and_sharded_centers_and_resumes(tmp_path):
     """train.py under torchrun with 2 gloo ranks: each rank holds half the class centers and its own
     checkpoint; a second launch with more steps resumes from them."""
@@ -125,3 +143,20 @@ def test_torchrun_trains_with_ddp_and_sharded_centers_and_resumes(tmp_path):
                 assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key]), key
     steps_logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [1, 2, 3, 4, 5]
+
+
+def test_recalibrate_batchnorm_sets_the_plain_average_over_the_batches():
+    from torch import nn
+
+    from fastpfc.doc.model import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3)).eval()
+    batches = [torch.randn(5, 4) * (i + 1) + i for i in range(3)]
+    assert recalibrate_batchnorm(model, iter(batches)) == 3
+    with torch.no_grad():
+        features = [model[0](b) for b in batches]
+    norm = model[1]
+    torch.testing.assert_close(norm.running_mean, torch.stack([f.mean(0) for f in features]).mean(0))
+    torch.testing.assert_close(norm.running_var, torch.stack([f.var(0) for f in features]).mean(0))
+    assert norm.momentum == 0.1 and not model.training and int(norm.num_batches_tracked) == 3

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 #: Options that may differ when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = frozenset({"run_dir", "steps", "workers", "checkpoint_every", "compile", "channels_last",
-                               "teacher_cache"})
+                               "teacher_cache", "precise_bn_batches"})
 #: What ``-m`` expects, for error messages.
 EXPECTED = "a train.py checkpoint (checkpoint.pt) or, where a model is only run, its .onnx export"
 #: Checkpoints written before the RNG states were stored as tensors pickled NumPy's state as an

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -47,7 +48,8 @@ def _operating_points(eval_json: Path, model_id: str) -> dict[float, float]:
         warnings.warn(f"{eval_json} evaluated other weights than the checkpoint beside it; its thresholds are not "
                       "used (evaluate this checkpoint with `fastpfc-doc eval`, or pass --threshold)", stacklevel=3)
         return {}
-    return {p["target_fpr"]: p["threshold"] for p in trained["verification"]["points"] if p["reliable"]}
+    return {p["target_fpr"]: p["threshold"] for p in trained["verification"]["points"]
+            if p["reliable"] and math.isfinite(p["threshold"])}
 
 
 class CheckpointEmbedder:

@@ -65,3 +65,30 @@ class DocumentEmbedder(nn.Module):
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.normalize(self(images).float(), dim=1)
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> int:
+    """Set every BatchNorm's running statistics to the plain average over ``batches`` (image
+    tensors ``[B, 3, S, S]`` on the model's device), the model's weights left as they are; returns
+    how many batches were seen.
+
+    The running averages a short run keeps (momentum 0.1) mostly remember weights that training
+    has since changed; in eval mode such a network can give nearly the same embedding to every
+    image. Recomputing the statistics with the final weights ("precise BN") removes that.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average
+    model.train()
+    seen = 0
+    for images in batches:
+        model(images)
+        seen += 1
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.train(was_training)
+    return seen

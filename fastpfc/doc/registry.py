@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -253,6 +254,9 @@ class Registry:
         ``threshold``; a stricter one asks more of a sub-label), the sub-label is reported with its
         parent type; otherwise the parent type alone."""
         sub_threshold = threshold if sub_threshold is None else sub_threshold
+        for name, value in (("threshold", threshold), ("sub-threshold", sub_threshold)):
+            if not math.isfinite(value):  # NaN would accept every query: every comparison with it is False
+                raise ValueError(f"the {name} must be a finite score, got {value}")
         matches = []
         for hits in self.search(queries, 1):
             score, best = hits[0] if hits else (-1.0, None)  # an IVF probe may find no list with entries

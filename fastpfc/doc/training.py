@@ -25,7 +25,7 @@ from .embedders import model_identity
 from .evaluation import evaluate_embedder, registration_split
 from .files import write_text_atomic
 from .folders import ImageFolderDataset
-from .model import DocumentEmbedder
+from .model import DocumentEmbedder, recalibrate_batchnorm
 from .synthetic import GENERATOR_VERSION, SyntheticDocuments
 
 
@@ -76,6 +76,8 @@ class TrainConfig:
     checkpoint_every: int = _option(200, "steps between checkpoints")
     seed: int = _option(0, "seed of the data, the model and the sampling")
     backend: str = _option("auto", "PartialFC backend: auto, triton or torch")
+    precise_bn_batches: int = _option(0, "after the last step, recompute the BatchNorm statistics over this many "
+                                         "training batches (0: keep the running averages; helps short runs)")
 
 
 def warmup_then_decay(config: TrainConfig):
@@ -335,7 +337,14 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 embeddings, projections = network(images)
-            loss = loss_fn(embeddings.float(), labels.to(device))
+            try:
+                loss = loss_fn(embeddings.float(), labels.to(device))
+            except ValueError as rejected:  # the loss refuses non-finite embeddings: the run diverged
+                if torch.isfinite(embeddings).all():
+                    raise
+                raise FloatingPointError(f"the embeddings are not finite at step {step} (the run diverged); "
+                                         f"stopped without saving, the last checkpoint ({checkpoint}) is as it "
+                                         "was") from rejected
             parts = {"pfc_loss": loss}
             if projections is not None:
                 targets = torch.from_numpy(teacher_bank[items.numpy()]).to(device).float()
@@ -370,6 +379,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     finally:
         bar.close()
         interrupted.restore()
+    if config.precise_bn_batches > 0:
+        schedule = BatchSchedule(len(data), config.batch_size, config.seed, 0, config.precise_bn_batches, rank, world)
+        recalibrate_batchnorm(student.embedder, (torch.stack([data[item][0] for item in batch]).to(device)
+                                                 for batch in schedule))
     save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizer, scheduler))
     if not lead:
         dist.barrier()

@@ -160,3 +160,43 @@ def test_recalibrate_batchnorm_sets_the_plain_average_over_the_batches():
     torch.testing.assert_close(norm.running_mean, torch.stack([f.mean(0) for f in features]).mean(0))
     torch.testing.assert_close(norm.running_var, torch.stack([f.var(0) for f in features]).mean(0))
     assert norm.momentum == 0.1 and not model.training and int(norm.num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("checkpoint_every", 0, "--checkpoint-every must be an integer >= 1"), ("batch_size", 0, "--batch-size must be"),
+    ("sample_rate", 0.0, r"--sample-rate must be in \(0, 1\]"), ("lr", float("nan"), "--lr must be a finite"),
+    ("schedule", "linear", "--schedule must be cosine or poly"), ("steps", -1, "--steps must be"),
+])
+def test_bad_options_fail_before_any_work(tmp_path, option, value, says):
+    with pytest.raises(ValueError, match=says):
+        train(_config(tmp_path / "run", **{option: value}), progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_zero_steps_evaluates_and_writes_every_file(tmp_path):
+    results = train(_config(tmp_path, steps=0), progress=False)
+    assert set(results) == {"untrained", "trained"}
+    assert all((tmp_path / name).exists() for name in ("eval.json", "checkpoint.pt", "loss.png", "roc.png"))
+
+
+def test_a_resume_trains_again_what_the_checkpoint_lacks_and_records_each_step_once(tmp_path, monkeypatch):
+    """Steps after the last checkpoint are trained again on resume: metrics.jsonl keeps them once,
+    and a line cut by the crash is dropped."""
+    config = _config(tmp_path)
+    real_forward = training.PartialFCLoss.forward
+    calls = []
+
+    def forward(self, embeddings, labels):
+        calls.append(1)
+        loss = real_forward(self, embeddings, labels)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    monkeypatch.setattr(training.PartialFCLoss, "forward", forward)
+    with pytest.raises(FloatingPointError):
+        train(config, progress=False)
+    monkeypatch.undo()
+    metrics = tmp_path / "metrics.jsonl"
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+    metrics.write_text(metrics.read_text() + '{"step": 5, "lo')  # the crash cut a line short
+    train(config, progress=False)
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, config.steps + 1))

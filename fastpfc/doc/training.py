@@ -80,6 +80,38 @@ class TrainConfig:
                                          "training batches (0: keep the running averages; helps short runs)")
 
 
+#: Option -> (test, what it must be): checked before any work, so that a bad value fails at once
+#: rather than after an evaluation or at the end of a run.
+_OPTION_RULES = {
+    "steps": (lambda v: v >= 0, "an integer >= 0"),
+    "batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
+    "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
+    "embedding_size": (lambda v: v >= 1, "an integer >= 1"),
+    "image_size": (lambda v: v >= 16, "an integer >= 16"),
+    "train_types": (lambda v: v >= 1, "an integer >= 1"),
+    "per_type": (lambda v: v >= 1, "an integer >= 1"),
+    "eval_types": (lambda v: v >= 2, "an integer >= 2"),
+    "eval_per_type": (lambda v: v >= 2, "an integer >= 2 (pairs of the same type are needed)"),
+    "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "center_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "clip_grad": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "distill_weight": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "schedule": (lambda v: v in ("cosine", "poly"), "cosine or poly"),
+    "precise_bn_batches": (lambda v: v >= 0, "an integer >= 0"),
+}
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise a ValueError naming the first option whose value cannot work."""
+    for name, (valid, expected) in _OPTION_RULES.items():
+        value = getattr(config, name)
+        if not valid(value):
+            raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+
+
 def warmup_then_decay(config: TrainConfig):
     """Learning-rate factor of each step: linear warm-up, then cosine or polynomial decay to 0."""
     def factor(step: int) -> float:
@@ -243,6 +275,27 @@ def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn,
     return step
 
 
+def _read_metrics(path: Path) -> list[dict]:
+    """The records of ``metrics.jsonl``; lines cut short by a crash are left out."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep the records up to ``step``, the checkpoint a resume starts from: the steps after it
+    are trained (and recorded) again."""
+    if path.exists():
+        kept = [r for r in _read_metrics(path) if r["step"] <= step]
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 def _append_metrics(path: Path, record: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -280,6 +333,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     """
     from tqdm import tqdm
 
+    check_config(config)
     rank, world, device = _start_distributed()
     lead = rank == 0
     progress = progress and lead
@@ -313,6 +367,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                          "same number of processes as the run that saved it (and all its checkpoint-rank*.pt)")
     if some_have:
         start = _load_checkpoint(checkpoint, config, student, loss_fn, optimizer, scheduler, world, device)
+        if lead:
+            _truncate_metrics(run / "metrics.jsonl", start)
     elif lead:
         write_text_atomic(untrained_path, json.dumps(evaluate(embedder, config, device)))
     if lead:
@@ -420,7 +476,7 @@ def _plot(run: Path, results: dict) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    records = _read_metrics(run / "metrics.jsonl")
     fig, ax = plt.subplots(figsize=(6, 4))
     steps = [r["step"] for r in records]
     ax.plot(steps, [r["loss"] for r in records], label="loss")

@@ -86,17 +86,22 @@ def test_resuming_with_other_options_is_refused(tmp_path):
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
 
 
-def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
-    config = _config(tmp_path)
-    real_forward = training.PartialFCLoss.forward
+def _corrupt_call(monkeypatch, module_class, call: int, corrupt) -> None:
+    """Make the ``call``-th call of ``module_class.forward`` return ``corrupt(its result)``."""
+    real_forward = module_class.forward
     calls = []
 
-    def forward(self, embeddings, labels):
+    def forward(self, *args):
         calls.append(1)
-        loss = real_forward(self, embeddings, labels)
-        return loss * float("nan") if len(calls) == 5 else loss
+        out = real_forward(self, *args)
+        return corrupt(out) if len(calls) == call else out
 
-    monkeypatch.setattr(training.PartialFCLoss, "forward", forward)
+    monkeypatch.setattr(module_class, "forward", forward)
+
+
+def test_non_finite_loss_stops_and_keeps_the_checkpoint(tmp_path, monkeypatch):
+    config = _config(tmp_path)
+    _corrupt_call(monkeypatch, training.PartialFCLoss, 5, lambda loss: loss * float("nan"))
     with pytest.raises(FloatingPointError, match="at step 4"):
         train(config, progress=False)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
@@ -106,15 +111,7 @@ def test_diverged_embeddings_stop_with_the_step_and_keep_the_checkpoint(tmp_path
     """Non-finite embeddings (a diverged network) used to stop with the loss's input error; the run
     names the step as for a non-finite loss."""
     config = _config(tmp_path)
-    real_forward = training.Student.forward
-    calls = []
-
-    def forward(self, images):
-        calls.append(1)
-        embeddings, projections = real_forward(self, images)
-        return (embeddings * float("inf") if len(calls) == 5 else embeddings), projections
-
-    monkeypatch.setattr(training.Student, "forward", forward)
+    _corrupt_call(monkeypatch, training.Student, 5, lambda out: (out[0] * float("inf"), out[1]))
     with pytest.raises(FloatingPointError, match="embeddings are not finite at step 4"):
         train(config, progress=False)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
@@ -183,15 +180,7 @@ def test_a_resume_trains_again_what_the_checkpoint_lacks_and_records_each_step_o
     """Steps after the last checkpoint are trained again on resume: metrics.jsonl keeps them once,
     and a line cut by the crash is dropped."""
     config = _config(tmp_path)
-    real_forward = training.PartialFCLoss.forward
-    calls = []
-
-    def forward(self, embeddings, labels):
-        calls.append(1)
-        loss = real_forward(self, embeddings, labels)
-        return loss * float("nan") if len(calls) == 5 else loss
-
-    monkeypatch.setattr(training.PartialFCLoss, "forward", forward)
+    _corrupt_call(monkeypatch, training.PartialFCLoss, 5, lambda loss: loss * float("nan"))
     with pytest.raises(FloatingPointError):
         train(config, progress=False)
     monkeypatch.undo()

@@ -140,6 +140,7 @@ def sharded_partial_fc_loss(
     embedding_grad_scale: float | None = None,
     validate: bool = True,
     memory_budget: int = 0,
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
     """PartialFC loss with the class centers sharded over the ranks of ``group``.
 
@@ -164,6 +165,7 @@ def sharded_partial_fc_loss(
             rejection on any rank raises on every rank.
         memory_budget: bytes this rank's backward may keep from its forward (see
             :func:`fastpfc.functional.margin_softmax`).
+        sparse_grad: a row-sparse gradient for ``weight_shard`` (the rows used on this rank).
     """
     world_size, _ = world(group)
     sizes, any_needs_grad = agree_on_inputs(embeddings, labels, weight_shard, num_classes, validate, group)
@@ -171,7 +173,7 @@ def sharded_partial_fc_loss(
         embeddings = embeddings.detach().requires_grad_()
     labels = labels.long()
     if sum(sizes) == 0:
-        return empty_batch_loss(embeddings, weight_shard, reduction)
+        return empty_batch_loss(embeddings, weight_shard, reduction, sparse_grad)
     scale = float(world_size) if embedding_grad_scale is None else embedding_grad_scale
     all_embeddings = _GatherRows.apply(embeddings, sizes, group, scale)
     local = _all_gather_rows(labels, sizes, group) - class_start
@@ -181,7 +183,7 @@ def sharded_partial_fc_loss(
     position = local if index is None else torch.searchsorted(index, local.clamp(0, weight_shard.shape[0] - 1))
     target_pos = torch.where(in_shard, position, -1)
     lse, target_logit = margin_softmax(all_embeddings, weight_shard, index, target_pos, margin, backend,
-                                       memory_budget)
+                                       memory_budget, sparse_grad)
     parts = _GatherReplicated.apply(torch.stack([lse, target_logit]), group)  # [world, 2, B]
     loss = torch.logsumexp(parts[:, 0], dim=0) - parts[:, 1].sum(dim=0)
     return reduce_loss(loss, reduction)

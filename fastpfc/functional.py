@@ -6,7 +6,9 @@ A backend is a module with three functions (see ``torch_backend`` and ``triton_b
 * ``forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget)``
   -> ``(lse, saved)``, where ``memory_budget`` is the bytes the backend may keep for the backward;
 * ``backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
-  need_x, need_weight)`` -> ``(grad of x / ||x||, grad of weight)``, either ``None`` when not needed.
+  need_x, need_weight, weight_rows)`` -> ``(grad of x / ||x||, grad of weight)``, either ``None``
+  when not needed; with ``weight_rows`` the latter is only the used rows, ``[C, D]`` in the order
+  of ``index``.
 
 :class:`MarginSoftmax` does the part every backend shares, in PyTorch on B values: the target
 cosines, the margin and its exact gradient (by autograd on those B values), the backward of the
@@ -47,7 +49,9 @@ class MarginSoftmax(torch.autograd.Function):
     """``(lse, target_logit)`` of the margin logits; see :func:`margin_softmax`."""
 
     @staticmethod
-    def forward(ctx, x, weight, index, target_pos, margin: Margin, backend: ModuleType, memory_budget: int):
+    def forward(ctx, x, weight, index, target_pos, margin: Margin, backend: ModuleType, memory_budget: int,
+                sparse_grad: bool):
+        ctx.sparse_grad = sparse_grad
         with torch.autocast(x.device.type, enabled=False):  # precision is decided here, not by autocast
             return MarginSoftmax._forward(ctx, x, weight, index, target_pos, margin, backend, memory_budget)
 
@@ -88,12 +92,16 @@ class MarginSoftmax(torch.autograd.Function):
             (grad_target_cos,) = torch.autograd.grad(ctx.margin(cos), cos, grad_logit)
         grad_unit_x, grad_weight = ctx.backend.backward(
             x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, ctx.margin.scale,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.sparse_grad)
+        if grad_weight is not None and ctx.sparse_grad:
+            rows = index if index is not None else torch.arange(weight.shape[0], device=weight.device)
+            grad_weight = torch.sparse_coo_tensor(rows[None], grad_weight, weight.shape, is_coalesced=True,
+                                                  check_invariants=False)  # sorted unique rows
         grad_x = None
         if grad_unit_x is not None:
             x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
             grad_x = normalize_backward(grad_unit_x, x_unit, x_inv_norm).to(x.dtype)
-        return grad_x, grad_weight, None, None, None, None, None
+        return grad_x, grad_weight, None, None, None, None, None, None
 
 
 def margin_softmax(
@@ -104,6 +112,7 @@ def margin_softmax(
     margin: Margin,
     backend: str = "auto",
     memory_budget: int = 0,
+    sparse_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-sum-exp of the margin logits over the used classes, and the target logits.
 
@@ -124,6 +133,9 @@ def margin_softmax(
             many leading class blocks as fit (``B`` values per class; fp32, or bf16 for fp16/bf16
             embeddings on the Triton backend), whose gradients then need two matmuls instead of
             three (cosines not recomputed). 0 keeps nothing ``[B, C]``-sized.
+        sparse_grad: give ``weight`` a row-sparse gradient (a sparse COO tensor of the rows
+            ``index``, see :mod:`fastpfc.optim`) instead of a dense one: nothing ``[C_total, D]``
+            is allocated.
 
     Returns:
         ``lse``: [B] fp32 (fp64 for fp64 inputs), the per-row LSE over these classes. Over shards
@@ -132,7 +144,7 @@ def margin_softmax(
     """
     check_memory_budget(memory_budget)
     module = importlib.import_module(BACKENDS[resolve_backend(backend, embeddings.device)])
-    return MarginSoftmax.apply(embeddings, weight, index, target_pos, margin, module, memory_budget)
+    return MarginSoftmax.apply(embeddings, weight, index, target_pos, margin, module, memory_budget, sparse_grad)
 
 
 def check_memory_budget(memory_budget: int) -> None:
@@ -140,10 +152,13 @@ def check_memory_budget(memory_budget: int) -> None:
         raise ValueError(f"memory_budget must be a number of bytes >= 0, got {memory_budget!r}")
 
 
-def empty_batch_loss(embeddings: torch.Tensor, weight: torch.Tensor, reduction: str) -> torch.Tensor:
+def empty_batch_loss(embeddings: torch.Tensor, weight: torch.Tensor, reduction: str,
+                     sparse_grad: bool = False) -> torch.Tensor:
     """The loss of an empty batch: zero (``[0]`` for ``'none'``), connected to both inputs so that
-    backward gives them zero gradients."""
-    empty = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)).sum(dim=1) + weight[:0].sum()
+    backward gives them zero gradients (a sparse one without rows for ``sparse_grad``)."""
+    no_rows = torch.empty(0, dtype=torch.int64, device=weight.device)
+    centers = torch.nn.functional.embedding(no_rows, weight, sparse=True) if sparse_grad else weight[:0]
+    empty = embeddings.to(torch.promote_types(embeddings.dtype, torch.float32)).sum(dim=1) + centers.sum()
     return empty if reduction == "none" else empty.sum()
 
 
@@ -167,6 +182,7 @@ def partial_fc_loss(
     backend: str = "auto",
     validate: bool = True,
     memory_budget: int = 0,
+    sparse_grad: bool = False,
 ) -> torch.Tensor:
     """Margin softmax cross entropy over the classes ``index`` (all classes when ``None``).
 
@@ -185,6 +201,7 @@ def partial_fc_loss(
             and holds every label, and that ``target_pos`` points at them (one host sync);
             ``False`` skips it.
         memory_budget: bytes the backward may keep from the forward (see :func:`margin_softmax`).
+        sparse_grad: a row-sparse gradient for ``weight`` (see :func:`margin_softmax`).
 
     An empty batch gives a zero loss (an empty [0] tensor for ``'none'``) that still
     back-propagates (zero gradients) to ``embeddings`` and ``weight``.
@@ -199,8 +216,9 @@ def partial_fc_loss(
     index = None if index is None else index.to(torch.int64).contiguous()
     target_pos = None if target_pos is None else target_pos.to(torch.int64).contiguous()
     if embeddings.shape[0] == 0:
-        return empty_batch_loss(embeddings, weight, reduction)
+        return empty_batch_loss(embeddings, weight, reduction, sparse_grad)
     if target_pos is None:
         target_pos = labels if index is None else torch.searchsorted(index, labels)
-    lse, target_logit = margin_softmax(embeddings, weight, index, target_pos, margin, backend, memory_budget)
+    lse, target_logit = margin_softmax(embeddings, weight, index, target_pos, margin, backend, memory_budget,
+                                       sparse_grad)
     return reduce_loss(lse - target_logit, reduction)

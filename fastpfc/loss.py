@@ -74,6 +74,10 @@ class PartialFCLoss(nn.Module):
         memory_budget: bytes the backward may keep from the forward (the softmax numerators of as
             many class blocks as fit, a third less backward matmul work for them); 0, the
             default, keeps nothing ``[B, C]``-sized. See :func:`fastpfc.functional.margin_softmax`.
+        sparse_grad: give ``weight`` a row-sparse gradient holding only the sampled rows (like
+            ``nn.Embedding(sparse=True)``): no dense ``[C, D]`` gradient, and, with
+            :class:`fastpfc.optim.SparseSGD` or :class:`fastpfc.optim.SparseAdamW`, an update that
+            touches only the sampled rows and their optimizer state.
 
     Attributes:
         weight: ``nn.Parameter`` [num_classes, embedding_size] (this rank's shard
@@ -93,6 +97,7 @@ class PartialFCLoss(nn.Module):
         process_group: ProcessGroup = None,
         ddp_backbone: bool = True,
         memory_budget: int = 0,
+        sparse_grad: bool = False,
     ) -> None:
         super().__init__()
         check_memory_budget(memory_budget)
@@ -108,6 +113,7 @@ class PartialFCLoss(nn.Module):
         self.margin = margin if margin is not None else CosFace()
         self.sample_rate, self.reduction, self.backend, self.validate = sample_rate, reduction, backend, validate
         self.process_group, self.ddp_backbone, self.memory_budget = process_group, ddp_backbone, memory_budget
+        self.sparse_grad = sparse_grad
         self.world_size, self.rank = world(process_group)
         self.class_start, self.class_stop = shard_bounds(num_classes, self.world_size, self.rank)
         self.seed = seed if seed is not None else self._shared_random_seed()
@@ -137,7 +143,7 @@ class PartialFCLoss(nn.Module):
                 sample_rate=self.sample_rate, generator=self._sampler() if self.sample_rate < 1.0 else None,
                 reduction=self.reduction, backend=self.backend, group=self.process_group,
                 embedding_grad_scale=float(self.world_size) if self.ddp_backbone else 1.0, validate=self.validate,
-                memory_budget=self.memory_budget)
+                memory_budget=self.memory_budget, sparse_grad=self.sparse_grad)
         check_shapes(embeddings, labels, self.weight)
         if self.validate and labels.numel() > 0:
             check_values(embeddings, labels, self.num_classes)
@@ -147,7 +153,7 @@ class PartialFCLoss(nn.Module):
             index, target_pos = sample_centers(labels, self.num_classes, self.sample_rate, self._sampler())
         return partial_fc_loss(embeddings, self.weight, labels, self.margin, index, target_pos,
                                self.reduction, self.backend, validate=False,  # checked above
-                               memory_budget=self.memory_budget)
+                               memory_budget=self.memory_budget, sparse_grad=self.sparse_grad)
 
     def _sampler(self) -> torch.Generator:
         """This rank's sampling generator on the weight's device, created (and restored) on first use."""
@@ -193,4 +199,4 @@ class PartialFCLoss(nn.Module):
         shard = f", classes [{self.class_start}, {self.class_stop}) of rank {self.rank}" if self.sharded else ""
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, margin={self.margin}, "
                 f"sample_rate={self.sample_rate}, reduction={self.reduction!r}, backend={self.backend!r}, "
-                f"memory_budget={self.memory_budget}{shard}")
+                f"memory_budget={self.memory_budget}, sparse_grad={self.sparse_grad}{shard}")

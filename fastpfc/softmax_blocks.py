@@ -37,6 +37,15 @@ def centers(weight: torch.Tensor, index: torch.Tensor | None, start: int, stop: 
     return weight[start:stop] if index is None else weight[index[start:stop]]
 
 
+def center_grad_buffer(weight: torch.Tensor, num_cols: int, as_rows: bool) -> torch.Tensor:
+    """Where the backward writes the centers' gradient: ``[num_cols, D]``, one row per sampled
+    class in sampling order (every row gets written), when ``as_rows``; else zeros like ``weight``
+    (the rows not sampled stay zero)."""
+    if as_rows:
+        return weight.new_empty(num_cols, weight.shape[1])
+    return torch.zeros_like(weight)
+
+
 def scatter_target(block: torch.Tensor, target_pos: torch.Tensor, start: int, value: torch.Tensor) -> None:
     """Set ``block[b, target_pos[b] - start] = value[b]`` for rows whose target falls in this block.
 

@@ -15,7 +15,14 @@ from __future__ import annotations
 import torch
 
 from .normalize import inv_norms
-from .softmax_blocks import add_block_gradients, centers, chunk_bounds, grad_from_numerators, scatter_target
+from .softmax_blocks import (
+    add_block_gradients,
+    center_grad_buffer,
+    centers,
+    chunk_bounds,
+    grad_from_numerators,
+    scatter_target,
+)
 
 
 def check_tensors(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -57,12 +64,13 @@ def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, m
 
 
 def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
-             need_x, need_weight):
+             need_x, need_weight, weight_rows):
     """Gradients of the unit embeddings and of the weight (contract of ``MarginSoftmax``)."""
     x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
-    grad_unit_x = torch.zeros_like(x_unit) if need_x else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
     num_cols = weight.shape[0] if index is None else index.shape[0]
+    grad_unit_x = torch.zeros_like(x_unit) if need_x else None
+    grad_weight = center_grad_buffer(weight, num_cols, weight_rows) if need_weight else None
+    write_index = None if weight_rows else index
     starts, chunk = chunk_bounds(x.shape[0], num_cols, x.device)
     for block, start in enumerate(starts):
         w_unit, w_inv_norm = _unit_centers(weight, index, start, start + chunk, x_unit.dtype)
@@ -74,5 +82,5 @@ def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, gra
             grad_cos = (x_unit @ w_unit.T).mul_(scale).sub_(lse[:, None]).exp_()
             grad_cos.mul_((grad_lse * scale)[:, None])
         scatter_target(grad_cos, target_pos, start, grad_target_cos)
-        add_block_gradients(grad_cos, x_unit, w_unit, w_inv_norm, index, start, grad_unit_x, grad_weight)
+        add_block_gradients(grad_cos, x_unit, w_unit, w_inv_norm, write_index, start, grad_unit_x, grad_weight)
     return grad_unit_x, grad_weight

@@ -24,7 +24,13 @@ import triton
 
 from .kernels import INTERPRET, default_config, partial_lse, softmax_grad, unit_rows, unit_rows_backward_
 from .kernels.tensors import aligned_empty
-from .softmax_blocks import add_block_gradients, chunk_bounds, grad_from_numerators, scatter_target
+from .softmax_blocks import (
+    add_block_gradients,
+    center_grad_buffer,
+    chunk_bounds,
+    grad_from_numerators,
+    scatter_target,
+)
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -89,16 +95,17 @@ def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, m
 
 
 def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
-             need_x, need_weight):
+             need_x, need_weight, weight_rows):
     """Gradients of the unit embeddings and of the weight (contract of ``MarginSoftmax``)."""
     x_unit, w_unit, w_inv_norm, *kept = saved
     config = default_config(x.device, x.dtype)
     grad_lse, grad_target_cos = grad_lse.float().contiguous(), grad_target_cos.float().contiguous()
+    num_cols, block_c = w_unit.shape[0], config.block_c
     grad_unit_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None
-    grad_weight = torch.zeros_like(weight) if need_weight else None
+    grad_weight = center_grad_buffer(weight, num_cols, weight_rows) if need_weight else None
+    write_index = None if weight_rows else index
     gemm_dtype = _gemm_dtype(x)
     x_gemm = x_unit.to(gemm_dtype)
-    num_cols, block_c = w_unit.shape[0], config.block_c
     stored = min(kept[0].shape[1], num_cols) if kept else 0
     _, chunk = chunk_bounds(x.shape[0], num_cols, x.device, multiple_of=block_c)
     scratch = None
@@ -114,8 +121,8 @@ def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, gra
                 scratch = aligned_empty(x.shape[0], min(chunk, num_cols - stored), gemm_dtype, x.device)
             grad_cos = softmax_grad(scratch[:, :stop - start], x_unit, w_unit[start:stop], target_pos - start,
                                     lse, grad_lse, grad_target_cos, scale, config)
-        add_block_gradients(grad_cos, x_gemm, w_unit[start:stop].to(gemm_dtype), w_inv_norm[start:stop], index,
-                            start, grad_unit_x, grad_weight, _write_centers)
+        add_block_gradients(grad_cos, x_gemm, w_unit[start:stop].to(gemm_dtype), w_inv_norm[start:stop],
+                            write_index, start, grad_unit_x, grad_weight, _write_centers)
     return grad_unit_x, grad_weight
 
 

@@ -1,0 +1,217 @@
+"""Row-sparse optimizers for the class centers: only the rows sampled in a step move.
+
+``PartialFCLoss(..., sparse_grad=True)`` gives its weight a row-sparse gradient (a sparse COO
+tensor holding the sampled rows, like ``nn.Embedding(sparse=True)``): no dense ``[C, D]``
+gradient is allocated. :class:`SparseSGD` and :class:`SparseAdamW` apply ``torch.optim.SGD`` and
+``torch.optim.AdamW`` to those rows only, in one pass (one Triton kernel on CUDA, ``index_*`` ops
+elsewhere)::
+
+    loss_fn = PartialFCLoss(512, 20_000_000, sample_rate=0.1, sparse_grad=True)
+    center_optimizer = SparseSGD(loss_fn.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+
+They are ``torch.optim.Optimizer`` subclasses, so LR schedulers, ``GradScaler`` (unscaling, and
+skipping the step on inf/NaN), ``zero_grad``, gradient accumulation, ``state_dict`` and
+``load_state_dict`` work as with any optimizer. Dense gradients are accepted too (every row moves).
+
+Lazy semantics: a row absent from the gradient keeps its weight and its state bitwise unchanged,
+so momentum, Adam moments and weight decay act on a row only in the steps that sample it (the
+semantics of insightface's first PartialFC, which its dense-optimizer successor lost). Each of the
+``C`` rows therefore sees its own sequence of updates; in particular AdamW's bias correction uses
+each row's own update count (``state["row_step"]``, int32 [C]): a row's moments average only the
+gradients it received, so the correction for a row first sampled at step 1000 must be the one of
+its first update, not of step 1000 (which would be none, and make that first update ~3x too large).
+With every row in every gradient (sample rate 1) both optimizers equal their ``torch.optim`` twins.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+
+def _rows_of(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(rows, values [M, D])`` of a gradient: the rows of a sparse one (coalesced), all rows
+    (``None``) of a dense one."""
+    if not grad.is_sparse:
+        return None, grad if grad.stride(-1) == 1 else grad.contiguous()
+    if grad.sparse_dim() != 1 or grad.dense_dim() != 1:
+        raise ValueError("a sparse gradient must hold whole rows of a [N, D] weight (sparse_dim 1, dense_dim 1), "
+                         f"got sparse_dim {grad.sparse_dim()} and dense_dim {grad.dense_dim()}")
+    rows = grad._indices()[0]
+    if not grad.is_coalesced() and not bool((rows[1:] > rows[:-1]).all()):
+        # Accumulated gradients (or any with repeated rows): sum the repeats. The loss's own
+        # gradient has strictly increasing rows, and autograd only drops its coalesced flag.
+        grad = grad.coalesce()
+        rows = grad._indices()[0]
+    return rows, grad._values().contiguous()
+
+
+def _gather(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    return tensor if rows is None else tensor.index_select(0, rows)
+
+
+def _scatter_(tensor: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> None:
+    if rows is None:
+        tensor.copy_(values)
+    else:
+        tensor.index_copy_(0, rows, values.to(tensor.dtype))
+
+
+class _RowSparseOptimizer(torch.optim.Optimizer):
+    """Shared parts: 2-D parameters, the choice between the Triton kernel and the torch ops, and
+    the ``step`` loop over parameters that have a gradient."""
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any], fused: bool | None) -> None:
+        if fused and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError("fused=True needs CUDA (or TRITON_INTERPRET=1 set before fastpfc is imported)")
+        super().__init__(params, defaults)
+        self.fused = fused
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.dim() != 2:
+                    raise ValueError(f"{type(self).__name__} updates rows of [N, D] parameters (class centers), "
+                                     f"got a parameter of shape {tuple(param.shape)}")
+
+    def _use_kernel(self, param: torch.Tensor) -> bool:
+        """The Triton kernel for CUDA parameters (``fused=None``), or as ``fused`` says."""
+        if self.fused is None:
+            return param.is_cuda
+        return self.fused and param.dtype != torch.float64
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+        """Update the rows of each parameter that its gradient holds; returns ``closure()``'s loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    rows, grad = _rows_of(param.grad)
+                    if grad.shape[0] > 0:
+                        self._update(param, rows, grad.to(torch.promote_types(grad.dtype, torch.float32)), group)
+        return loss
+
+    def _update(self, param: torch.Tensor, rows: torch.Tensor | None, grad: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+
+def _state_like(param: torch.Tensor) -> torch.Tensor:
+    """Zeros of the parameter's shape and layout, fp32 at least (fp64 for fp64 parameters)."""
+    return torch.zeros_like(param, dtype=torch.promote_types(param.dtype, torch.float32),
+                            memory_format=torch.preserve_format)
+
+
+class SparseSGD(_RowSparseOptimizer):
+    """``torch.optim.SGD`` (momentum, weight decay, Nesterov; no dampening) on the rows present in
+    each gradient; the others keep their weight and momentum.
+
+    Args:
+        params: [N, D] parameters (e.g. ``PartialFCLoss.parameters()``), or parameter groups.
+        lr, momentum, weight_decay, nesterov: as in ``torch.optim.SGD``. Weight decay (L2, added
+            to the gradient) applies to a row when it is updated.
+        fused: ``None`` runs the Triton kernel for CUDA parameters and ``index_*`` ops otherwise;
+            ``True`` / ``False`` force one.
+
+    State per parameter: ``momentum_buffer`` (fp32, like the parameter), created at the first step.
+    A row's buffer starts at zero, so its first update uses its gradient, as torch's does.
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, weight_decay: float = 0.0,
+                 nesterov: bool = False, fused: bool | None = None) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        if nesterov and momentum == 0.0:
+            raise ValueError("nesterov needs a momentum > 0")
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov}
+        super().__init__(params, defaults, fused)
+
+    def _update(self, param, rows, grad, group) -> None:
+        lr, momentum, weight_decay = float(group["lr"]), group["momentum"], group["weight_decay"]
+        buffer = None
+        if momentum != 0.0:
+            state = self.state[param]
+            if "momentum_buffer" not in state:
+                state["momentum_buffer"] = _state_like(param)
+            buffer = state["momentum_buffer"]
+        if self._use_kernel(param):
+            from .kernels.row_update import sgd_rows_
+            sgd_rows_(param, grad, rows, buffer, lr, momentum, weight_decay, group["nesterov"])
+            return
+        w = _gather(param, rows).to(grad.dtype)
+        step = grad + weight_decay * w if weight_decay else grad
+        if buffer is not None:
+            velocity = _gather(buffer, rows).mul_(momentum).add_(step)
+            _scatter_(buffer, rows, velocity)
+            step = step.add(velocity, alpha=momentum) if group["nesterov"] else velocity
+        _scatter_(param, rows, w.sub_(step, alpha=lr))
+
+
+class SparseAdamW(_RowSparseOptimizer):
+    """``torch.optim.AdamW`` on the rows present in each gradient; the others keep their weight,
+    moments and update count. Bias correction counts each row's own updates (see the module
+    docstring).
+
+    Args:
+        params: [N, D] parameters, or parameter groups.
+        lr, betas, eps, weight_decay: as in ``torch.optim.AdamW`` (decoupled weight decay, applied
+            to a row when it is updated).
+        fused: as in :class:`SparseSGD`.
+
+    State per parameter, created at the first step: ``exp_avg`` and ``exp_avg_sq`` (fp32, like the
+    parameter) and ``row_step`` (int32 [N]).
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, fused: bool | None = None) -> None:
+        if not lr >= 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
+            raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+        if not eps >= 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if not weight_decay >= 0.0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}, fused)
+
+    def _update(self, param, rows, grad, group) -> None:
+        state = self.state[param]
+        if "row_step" not in state:
+            state["exp_avg"], state["exp_avg_sq"] = _state_like(param), _state_like(param)
+            state["row_step"] = torch.zeros(param.shape[0], dtype=torch.int32, device=param.device)
+        lr, (beta1, beta2), eps, weight_decay = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
+        if self._use_kernel(param):
+            from .kernels.row_update import adamw_rows_
+            adamw_rows_(param, grad, rows, state["exp_avg"], state["exp_avg_sq"], state["row_step"], lr, beta1, beta2,
+                        eps, weight_decay)
+            return
+        row_step = _gather(state["row_step"], rows) + 1
+        _scatter_(state["row_step"], rows, row_step)
+        exp_avg = _gather(state["exp_avg"], rows).lerp_(grad, 1.0 - beta1)
+        exp_avg_sq = _gather(state["exp_avg_sq"], rows).mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        _scatter_(state["exp_avg"], rows, exp_avg)
+        _scatter_(state["exp_avg_sq"], rows, exp_avg_sq)
+        steps = row_step.to(grad.dtype)[:, None]
+        bias1, bias2 = 1.0 - beta1 ** steps, 1.0 - beta2 ** steps
+        w = _gather(param, rows).to(grad.dtype).mul_(1.0 - lr * weight_decay)
+        denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)
+        _scatter_(param, rows, w.sub_(lr / bias1 * exp_avg / denom))
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, which casts every state tensor but
+        ``step`` to the parameter's dtype: the update counts are restored as int32."""
+        saved = {key: value["row_step"] for key, value in state_dict["state"].items() if "row_step" in value}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            if saved_id in saved:
+                self.state[param]["row_step"] = saved[saved_id].to(torch.int32, copy=True).to(param.device)

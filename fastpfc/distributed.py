@@ -212,8 +212,8 @@ def take_shard(full: torch.Tensor, num_classes: int, group: ProcessGroup = None)
 def full_state_dict(loss_fn) -> dict:
     """A world-size-independent checkpoint of a ``PartialFCLoss``: the full centers [C, D] and seed.
 
-    Call on every rank (the shards are all-gathered); save it from one rank. Optimizer state of
-    the centers reshards the same way with :func:`gather_shards` / :func:`take_shard`.
+    Call on every rank (the shards are all-gathered); save it from one rank. The optimizer state
+    of the centers goes with :func:`full_optimizer_state_dict`.
     """
     return {"weight": gather_shards(loss_fn.weight, loss_fn.num_classes, loss_fn.process_group),
             "num_classes": loss_fn.num_classes, "embedding_size": loss_fn.embedding_size, "seed": loss_fn.seed}
@@ -232,3 +232,43 @@ def load_full_state_dict(loss_fn, state: dict) -> None:
         loss_fn.weight.copy_(take_shard(state["weight"], loss_fn.num_classes, loss_fn.process_group))
     loss_fn.set_extra_state({"seed": state["seed"], "generator": None,
                              "world_size": loss_fn.world_size, "rank": loss_fn.rank})
+
+
+def _weight_state_id(optimizer: torch.optim.Optimizer, loss_fn) -> int:
+    """The id of ``loss_fn.weight`` in ``optimizer.state_dict()`` (parameters are numbered in group order)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for position, param in enumerate(params):
+        if param is loss_fn.weight:
+            return position
+    raise ValueError("the optimizer does not hold this loss's weight")
+
+
+def full_optimizer_state_dict(optimizer: torch.optim.Optimizer, loss_fn) -> dict:
+    """``optimizer.state_dict()`` with the per-class state of ``loss_fn.weight`` (every state tensor
+    with one row per class of the shard: momentum, Adam moments, per-row step counts) gathered into
+    ``[num_classes, ...]``: world-size independent, like :func:`full_state_dict`.
+
+    Works for any optimizer holding the centers (``fastpfc.optim`` or ``torch.optim``). Call on
+    every rank; save it from one rank.
+    """
+    state = optimizer.state_dict()
+    weight_id, rows = _weight_state_id(optimizer, loss_fn), loss_fn.weight.shape[0]
+    per_class = state["state"].get(weight_id, {})
+    for key, value in sorted(per_class.items()):  # the same order on every rank: the gathers pair up
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == rows:
+            per_class[key] = gather_shards(value, loss_fn.num_classes, loss_fn.process_group)
+    return state
+
+
+def load_full_optimizer_state_dict(optimizer: torch.optim.Optimizer, loss_fn, state: dict) -> None:
+    """Load :func:`full_optimizer_state_dict` output on any number of ranks: each rank keeps its
+    own rows of the per-class state, then ``optimizer.load_state_dict`` takes it."""
+    weight_id = _weight_state_id(optimizer, loss_fn)
+    state = {**state, "state": dict(state["state"])}
+    per_class = dict(state["state"].get(weight_id, {}))
+    for key, value in per_class.items():
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == loss_fn.num_classes:
+            per_class[key] = take_shard(value, loss_fn.num_classes, loss_fn.process_group)
+    if per_class:
+        state["state"][weight_id] = per_class
+    optimizer.load_state_dict(state)

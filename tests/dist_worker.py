@@ -13,7 +13,15 @@ import torch
 import torch.distributed as dist
 
 from fastpfc import ArcFace, PartialFCLoss
-from fastpfc.distributed import full_state_dict, load_full_state_dict, shard_bounds, sharded_partial_fc_loss
+from fastpfc.distributed import (
+    full_optimizer_state_dict,
+    full_state_dict,
+    load_full_optimizer_state_dict,
+    load_full_state_dict,
+    shard_bounds,
+    sharded_partial_fc_loss,
+)
+from fastpfc.optim import SparseAdamW
 
 NUM_CLASSES, DIM = 53, 24
 MARGIN = ArcFace(s=16.0, m=0.4)
@@ -31,6 +39,12 @@ def problem(world_size: int, dtype: torch.dtype = torch.float64) -> dict[str, to
         "labels": labels,
         "index": torch.unique(torch.cat([labels, torch.randperm(NUM_CLASSES, generator=gen)[:20]])),
         "full_state": torch.randn(NUM_CLASSES, DIM, generator=gen),
+        "full_optimizer_state": {
+            "state": {0: {"exp_avg": torch.randn(NUM_CLASSES, DIM, generator=gen),
+                          "exp_avg_sq": torch.rand(NUM_CLASSES, DIM, generator=gen),
+                          "row_step": torch.randint(0, 9, (NUM_CLASSES,), generator=gen, dtype=torch.int32)}},
+            "param_groups": [{"lr": 0.05, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1, "params": [0]}],
+        },
     }
 
 
@@ -125,6 +139,19 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     load_full_state_dict(module, {"weight": p["full_state"], "num_classes": NUM_CLASSES,
                                   "embedding_size": DIM, "seed": 7})
     results["loaded_shard"] = module.weight.detach().clone()
+
+    # Row-sparse gradients and a row-sparse optimizer on the shards: two steps at sample rate 1
+    # (the single-process twin is in the test), then the optimizer state gathered and reloaded.
+    sparse = PartialFCLoss(DIM, NUM_CLASSES, margin=MARGIN, seed=7, sparse_grad=True).double()
+    optimizer = SparseAdamW(sparse.parameters(), lr=0.05, weight_decay=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        sparse(p["x"][_rows(world_size, rank)], p["labels"][_rows(world_size, rank)]).backward()
+        optimizer.step()
+    results["sparse_trained"] = {"weight": full_state_dict(sparse)["weight"],
+                                 "optimizer": full_optimizer_state_dict(optimizer, sparse)}
+    load_full_optimizer_state_dict(optimizer, sparse, p["full_optimizer_state"])
+    results["sparse_loaded"] = dict(optimizer.state[sparse.weight])
     torch.save(results, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

@@ -11,6 +11,7 @@ import torch.multiprocessing as mp
 
 import fastpfc.distributed as fd
 from fastpfc import PartialFCLoss, partial_fc_loss, reference_partial_fc_loss
+from fastpfc.optim import SparseAdamW
 
 from dist_worker import BATCH_SIZES, DIM, MARGIN, NUM_CLASSES, problem, run
 from helpers import max_rel_error, torchrun
@@ -150,6 +151,32 @@ def test_checkpoint_reshards(outcome):
         assert torch.equal(rank["full_state"], single.weight.detach())
     loaded = torch.cat([rank["loaded_shard"] for rank in ranks])  # a full state loaded into N ranks
     assert torch.equal(loaded, p["full_state"])
+
+
+def test_sparse_optimizer_on_shards_trains_like_one_process_and_reshards(outcome):
+    """Two SparseAdamW steps on N shards equal them in one process (weights and the gathered
+    optimizer state); a full optimizer state loads into N ranks as their row slices."""
+    world_size, ranks = outcome
+    p = problem(world_size)
+    single = PartialFCLoss(DIM, NUM_CLASSES, margin=MARGIN, seed=7, sparse_grad=True).double()
+    optimizer = SparseAdamW(single.parameters(), lr=0.05, weight_decay=0.1)
+    for _ in range(2):
+        optimizer.zero_grad()
+        single(p["x"], p["labels"]).backward()
+        optimizer.step()
+    state = optimizer.state[single.weight]
+    for rank in ranks:
+        trained = rank["sparse_trained"]
+        assert max_rel_error(trained["weight"], single.weight) < 1e-12
+        gathered = trained["optimizer"]["state"][0]
+        assert torch.equal(gathered["row_step"], state["row_step"])
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert max_rel_error(gathered[key], state[key]) < 1e-12, key
+    full = p["full_optimizer_state"]["state"][0]
+    for key, value in full.items():
+        loaded = torch.cat([rank["sparse_loaded"][key] for rank in ranks])
+        assert torch.equal(loaded, value.to(loaded.dtype)), key
+    assert all(rank["sparse_loaded"]["row_step"].dtype == torch.int32 for rank in ranks)
 
 
 def test_torchrun_demo_matches_single_process(tmp_path):

@@ -19,8 +19,16 @@ class Result:
     memory_ratio: float | None
 
 
-#: Filled by ``benchmarks/test_loss.py`` as the benchmarks run.
+@dataclass
+class Update:
+    case: str
+    variant: str
+    median_ms: float
+
+
+#: Filled by ``benchmarks/test_loss.py`` and ``benchmarks/test_center_update.py`` as they run.
 RESULTS: list[Result] = []
+UPDATES: list[Update] = []
 #: Implementation -> why it did not run on this machine.
 NOT_RUN: dict[str, str] = {}
 
@@ -44,6 +52,12 @@ def lines() -> list[str]:
             out.append(f"{r.case:<28} {r.pass_name:<8} {r.impl:<20} {r.median_ms:>9.1f} {peak:>8} {speedup:>9} "
                        f"{memory:>7}")
         out.append("speed-up and memory are against `reference` in the same run (peak extra memory of one step)")
+    for case in sorted({u.case for u in UPDATES}, key=natural_key):
+        runs = {u.variant: u.median_ms for u in UPDATES if u.case == case}
+        alone = runs.get("loss")
+        out.append(f"loss + center update, {case}: " + ", ".join(
+            f"{variant} {ms:.0f} ms" + (f" ({ms / alone:.2f}× the loss alone)" if alone and variant != "loss" else "")
+            for variant, ms in runs.items()))
     if NOT_RUN:
         out.append("not run here: " + "; ".join(f"{impl} ({why})" for impl, why in sorted(NOT_RUN.items())))
     return out

@@ -93,9 +93,8 @@ class MarginSoftmax(torch.autograd.Function):
         grad_unit_x, grad_weight = ctx.backend.backward(
             x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, ctx.margin.scale,
             ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.sparse_grad)
-        if grad_weight is not None and ctx.sparse_grad:
-            rows = index if index is not None else torch.arange(weight.shape[0], device=weight.device)
-            grad_weight = torch.sparse_coo_tensor(rows[None], grad_weight, weight.shape, is_coalesced=True,
+        if grad_weight is not None and ctx.sparse_grad and index is not None:
+            grad_weight = torch.sparse_coo_tensor(index[None], grad_weight, weight.shape, is_coalesced=True,
                                                   check_invariants=False)  # sorted unique rows
         grad_x = None
         if grad_unit_x is not None:
@@ -135,7 +134,7 @@ def margin_softmax(
             three (cosines not recomputed). 0 keeps nothing ``[B, C]``-sized.
         sparse_grad: give ``weight`` a row-sparse gradient (a sparse COO tensor of the rows
             ``index``, see :mod:`fastpfc.optim`) instead of a dense one: nothing ``[C_total, D]``
-            is allocated.
+            is allocated. With ``index=None`` every row is used and the gradient stays dense.
 
     Returns:
         ``lse``: [B] fp32 (fp64 for fp64 inputs), the per-row LSE over these classes. Over shards

@@ -49,13 +49,32 @@ def _rows_of(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     return rows, grad._values().contiguous()
 
 
-def _gather(tensor: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    return tensor if rows is None else tensor.index_select(0, rows)
+#: Elements of one block of rows in the torch path: its temporaries stay in cache and are reused,
+#: instead of [M, D]-sized ones that the allocator maps and faults in afresh every step.
+_TORCH_BLOCK_ELEMENTS = 1 << 18
+
+Rows = torch.Tensor | slice  # rows of the weight: ids (sparse gradient), or a range (dense gradient)
 
 
-def _scatter_(tensor: torch.Tensor, rows: torch.Tensor | None, values: torch.Tensor) -> None:
-    if rows is None:
-        tensor.copy_(values)
+def _row_blocks(rows: torch.Tensor | None, num_rows: int, dim: int):
+    """``(rows of the weight, positions in the gradient)`` of blocks of at most
+    ``_TORCH_BLOCK_ELEMENTS`` elements."""
+    size = max(1, _TORCH_BLOCK_ELEMENTS // dim)
+    for start in range(0, num_rows, size):
+        positions = slice(start, min(start + size, num_rows))
+        yield (positions if rows is None else rows[positions]), positions
+
+
+def _gather(tensor: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """The rows of ``tensor``: a view for a range (updates in place), a copy for ids."""
+    return tensor[rows] if isinstance(rows, slice) else tensor.index_select(0, rows)
+
+
+def _scatter_(tensor: torch.Tensor, rows: Rows, values: torch.Tensor) -> None:
+    """Write ``values`` to the rows of ``tensor`` (nothing to do for a view of them)."""
+    if isinstance(rows, slice):
+        if values.data_ptr() != tensor[rows].data_ptr():
+            tensor[rows] = values
     else:
         tensor.index_copy_(0, rows, values.to(tensor.dtype))
 
@@ -90,13 +109,32 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is not None:
-                    rows, grad = _rows_of(param.grad)
-                    if grad.shape[0] > 0:
-                        self._update(param, rows, grad.to(torch.promote_types(grad.dtype, torch.float32)), group)
+                if param.grad is None:
+                    continue
+                rows, grad = _rows_of(param.grad)
+                if grad.shape[0] == 0:
+                    continue
+                grad = grad.to(torch.promote_types(grad.dtype, torch.float32))
+                state = self._state(param, group)
+                if self._use_kernel(param):
+                    self._kernel_update(param, rows, grad, group, state)
+                    continue
+                for block_rows, positions in _row_blocks(rows, grad.shape[0], grad.shape[1]):
+                    self._torch_update(param, block_rows, grad[positions], group, state)
         return loss
 
-    def _update(self, param: torch.Tensor, rows: torch.Tensor | None, grad: torch.Tensor, group: dict) -> None:
+    def _state(self, param: torch.Tensor, group: dict) -> dict[str, torch.Tensor]:
+        """The parameter's state, created on its first update."""
+        raise NotImplementedError
+
+    def _kernel_update(self, param: torch.Tensor, rows: torch.Tensor | None, grad: torch.Tensor, group: dict,
+                       state: dict[str, torch.Tensor]) -> None:
+        """The update by the Triton kernel, over all rows at once (``rows`` ``None``: every row)."""
+        raise NotImplementedError
+
+    def _torch_update(self, param: torch.Tensor, rows: Rows, grad: torch.Tensor, group: dict,
+                      state: dict[str, torch.Tensor]) -> None:
+        """The update by torch ops, of one block of rows."""
         raise NotImplementedError
 
 
@@ -134,23 +172,24 @@ class SparseSGD(_RowSparseOptimizer):
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov}
         super().__init__(params, defaults, fused)
 
-    def _update(self, param, rows, grad, group) -> None:
+    def _state(self, param, group):
+        state = self.state[param]
+        if group["momentum"] != 0.0 and "momentum_buffer" not in state:
+            state["momentum_buffer"] = _state_like(param)
+        return state
+
+    def _kernel_update(self, param, rows, grad, group, state) -> None:
+        from .kernels.row_update import sgd_rows_
+        sgd_rows_(param, grad, rows, state.get("momentum_buffer"), float(group["lr"]), group["momentum"],
+                  group["weight_decay"], group["nesterov"])
+
+    def _torch_update(self, param, rows, grad, group, state) -> None:
         lr, momentum, weight_decay = float(group["lr"]), group["momentum"], group["weight_decay"]
-        buffer = None
-        if momentum != 0.0:
-            state = self.state[param]
-            if "momentum_buffer" not in state:
-                state["momentum_buffer"] = _state_like(param)
-            buffer = state["momentum_buffer"]
-        if self._use_kernel(param):
-            from .kernels.row_update import sgd_rows_
-            sgd_rows_(param, grad, rows, buffer, lr, momentum, weight_decay, group["nesterov"])
-            return
         w = _gather(param, rows).to(grad.dtype)
-        step = grad + weight_decay * w if weight_decay else grad
-        if buffer is not None:
-            velocity = _gather(buffer, rows).mul_(momentum).add_(step)
-            _scatter_(buffer, rows, velocity)
+        step = grad.add(w, alpha=weight_decay) if weight_decay else grad
+        if momentum != 0.0:
+            velocity = _gather(state["momentum_buffer"], rows).mul_(momentum).add_(step)
+            _scatter_(state["momentum_buffer"], rows, velocity)
             step = step.add(velocity, alpha=momentum) if group["nesterov"] else velocity
         _scatter_(param, rows, w.sub_(step, alpha=lr))
 
@@ -182,18 +221,21 @@ class SparseAdamW(_RowSparseOptimizer):
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}, fused)
 
-    def _update(self, param, rows, grad, group) -> None:
+    def _state(self, param, group):
         state = self.state[param]
         if "row_step" not in state:
             state["exp_avg"], state["exp_avg_sq"] = _state_like(param), _state_like(param)
             state["row_step"] = torch.zeros(param.shape[0], dtype=torch.int32, device=param.device)
+        return state
+
+    def _kernel_update(self, param, rows, grad, group, state) -> None:
+        from .kernels.row_update import adamw_rows_
+        adamw_rows_(param, grad, rows, state["exp_avg"], state["exp_avg_sq"], state["row_step"], float(group["lr"]),
+                    *group["betas"], group["eps"], group["weight_decay"])
+
+    def _torch_update(self, param, rows, grad, group, state) -> None:
         lr, (beta1, beta2), eps, weight_decay = float(group["lr"]), group["betas"], group["eps"], group["weight_decay"]
-        if self._use_kernel(param):
-            from .kernels.row_update import adamw_rows_
-            adamw_rows_(param, grad, rows, state["exp_avg"], state["exp_avg_sq"], state["row_step"], lr, beta1, beta2,
-                        eps, weight_decay)
-            return
-        row_step = _gather(state["row_step"], rows) + 1
+        row_step = _gather(state["row_step"], rows).add_(1)
         _scatter_(state["row_step"], rows, row_step)
         exp_avg = _gather(state["exp_avg"], rows).lerp_(grad, 1.0 - beta1)
         exp_avg_sq = _gather(state["exp_avg_sq"], rows).mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
@@ -202,8 +244,8 @@ class SparseAdamW(_RowSparseOptimizer):
         steps = row_step.to(grad.dtype)[:, None]
         bias1, bias2 = 1.0 - beta1 ** steps, 1.0 - beta2 ** steps
         w = _gather(param, rows).to(grad.dtype).mul_(1.0 - lr * weight_decay)
-        denom = (exp_avg_sq.sqrt() / bias2.sqrt()).add_(eps)
-        _scatter_(param, rows, w.sub_(lr / bias1 * exp_avg / denom))
+        update = exp_avg.div(exp_avg_sq.sqrt().div_(bias2.sqrt()).add_(eps)).mul_(lr / bias1)
+        _scatter_(param, rows, w.sub_(update))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """As ``torch.optim.Optimizer.load_state_dict``, which casts every state tensor but

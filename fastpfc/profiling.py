@@ -34,6 +34,14 @@ def _status_bytes(field: str) -> int:
         return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE).group(1)) * 1024
 
 
+def allocated_memory(device: torch.device) -> int:
+    """Bytes allocated now: by the CUDA caching allocator, or the process's resident set (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    _pin_malloc_thresholds()
+    return _status_bytes("VmRSS")
+
+
 def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[object, int]:
     """Run ``fn()`` and return ``(its result, peak bytes allocated above the level before it)``."""
     gc.collect()

@@ -10,11 +10,15 @@ set -uo pipefail
 . "$(dirname "$0")/gpu_setup.sh"
 
 echo "== CUDA tests"
-timeout 200 python3 -m pytest -q -x tests/test_cuda.py tests/test_correctness.py 2>&1 | tee "$OUT/tests.log" | tail -25
+timeout 200 python3 -m pytest -q -x tests/test_cuda.py tests/test_correctness.py tests/test_optim.py 2>&1 | tee "$OUT/tests.log" | tail -25
 
 echo "== torchrun demo, NCCL, world size 1"
 timeout 60 python3 -m torch.distributed.run --standalone --nproc_per_node=1 examples/distributed_demo.py
 timeout 60 python3 examples/distributed_demo.py
+
+echo "== loss + center update (row-sparse optimizers against torch.optim), bytes per class"
+timeout 150 python3 -m benchmarks.center_update --rounds 10 2>&1 | tail -25
+cp benchmarks/results/center-update-*.md "$OUT/" 2>/dev/null
 
 echo "== quick benchmark report"
 timeout 240 python3 -m benchmarks.report --quick --no-capacity 2>&1 | tail -15

@@ -7,7 +7,6 @@ step sampled (the lazy semantics, spelled out with torch's own optimizers).
 from __future__ import annotations
 
 import copy
-import sys
 
 import pytest
 import torch
@@ -238,25 +237,32 @@ def test_bad_arguments_are_named():
         SparseSGD([param], lr=0.1).step()
 
 
-@pytest.mark.skipif(DEVICE.type == "cpu" and not sys.platform.startswith("linux"),
-                    reason="CPU peak memory is read from /proc")
+def _largest_allocation(fn) -> int:
+    """Bytes of the largest buffer any op allocates during ``fn()`` (the allocator's records, not
+    the resident size, which reuses pages freed by earlier tests)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max(max(event.cpu_memory_usage, 0) for event in prof.events())
+
+
 def test_no_dense_gradient_is_allocated():
-    """A training step at sample rate 0.01 over 300k classes: with the sparse gradient the step's
-    peak stays far below one [C, D] gradient, which the dense path allocates."""
+    """A training step at sample rate 0.01 over 300k classes: with the sparse gradient no op
+    allocates anything near one [C, D] buffer; the dense path allocates its gradient. On CUDA the
+    step's peak memory is compared instead."""
     num_classes, dim = 300_000, 64
     weight_bytes = num_classes * dim * 4
-    peaks = {}
+    largest = {}
     for sparse in (False, True):
         loss_fn = PartialFCLoss(dim, num_classes, sample_rate=0.01, seed=0, sparse_grad=sparse).to(DEVICE)
         optimizer = (SparseSGD if sparse else torch.optim.SGD)(loss_fn.parameters(), lr=0.1, momentum=0.9)
 
-        def step():
+        def step(loss_fn=loss_fn, optimizer=optimizer):
             x, labels = _batch(0, 16, num_classes, dim, torch.float32)
             loss_fn(x, labels).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
         step()  # the momentum buffer is allocated here, in both
-        peaks[sparse] = peak_memory(step, DEVICE)[1]
-    assert peaks[True] < 0.3 * weight_bytes, peaks
-    assert peaks[False] > 0.6 * weight_bytes, peaks  # the dense gradient: about 1.0x
+        largest[sparse] = peak_memory(step, DEVICE)[1] if DEVICE.type == "cuda" else _largest_allocation(step)
+    assert largest[True] < 0.1 * weight_bytes, largest
+    assert largest[False] > 0.9 * weight_bytes, largest  # the dense gradient

@@ -58,10 +58,11 @@ class _InterruptAfter:
         pass
 
 
-def test_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, monkeypatch):
-    uninterrupted = _config(tmp_path / "a")
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, monkeypatch, sample_rate):
+    uninterrupted = _config(tmp_path / "a", sample_rate=sample_rate)
     train(uninterrupted, progress=False)
-    resumed = _config(tmp_path / "b")
+    resumed = _config(tmp_path / "b", sample_rate=sample_rate)
     monkeypatch.setattr(training, "_StopOnInterrupt", lambda: _InterruptAfter(2))
     with pytest.raises(KeyboardInterrupt, match="step 2 saved"):
         train(resumed, progress=False)
@@ -73,6 +74,20 @@ def test_interrupt_and_resume_match_an_uninterrupted_run(tmp_path, monkeypatch):
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
     assert torch.equal(a["loss"]["weight"], b["loss"]["weight"])
+    centers_a, centers_b = a["optimizers"][1]["state"][0], b["optimizers"][1]["state"][0]
+    for key in ("exp_avg", "exp_avg_sq", "row_step"):
+        assert torch.equal(centers_a[key], centers_b[key]), key
+    if sample_rate < 1.0:  # row-sparse: some centers were sampled fewer times than others
+        assert centers_a["row_step"].min() < centers_a["row_step"].max() == 6
+
+
+def test_a_checkpoint_of_the_dense_center_optimizer_is_refused_with_a_reason(tmp_path):
+    train(_config(tmp_path, steps=2), progress=False)
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    state["optimizer"], state["scheduler"] = state.pop("optimizers")[0], state.pop("schedulers")[0]
+    torch.save(state, tmp_path / "checkpoint.pt")  # the layout of earlier versions
+    with pytest.raises(ValueError, match="earlier version, which trained the class centers"):
+        train(_config(tmp_path, steps=4), progress=False)
 
 
 def test_resuming_with_other_options_is_refused(tmp_path):

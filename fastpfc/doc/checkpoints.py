@@ -140,9 +140,11 @@ def check_resumable(path: Path, saved: dict, current: dict) -> None:
                       "schedule from here on is the new one's", stacklevel=3)
 
 
-def training_state(step: int, config, student, loss_fn, optimizer, scheduler) -> dict:
-    """Everything a resume needs, and the config ``CheckpointEmbedder`` rebuilds the model from."""
+def training_state(step: int, config, student, loss_fn, optimizers: list, schedulers: list) -> dict:
+    """Everything a resume needs, and the config ``CheckpointEmbedder`` rebuilds the model from.
+    ``optimizers`` (the network's, the centers') and their ``schedulers`` are saved as lists."""
     return {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "config": asdict(config), "model": student.embedder.state_dict(), "loss": loss_fn.state_dict(),
             "projection": student.projection.state_dict() if student.projection is not None else None,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()}
+            "optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers],
+            "rng": rng_state()}

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastpfc import PartialFCLoss, create_margin
+from fastpfc.optim import SparseAdamW
 
 from .checkpoints import check_resumable, read_checkpoint, save_checkpoint, set_rng_state, training_state
 from .distill import DISTILL_LOSSES, ClipTeacher, teacher_features
@@ -54,7 +55,8 @@ class TrainConfig:
     steps: int = _option(700, "optimizer steps")
     batch_size: int = _option(64, "images per step")
     lr: float = _option(4e-3, "peak learning rate of the backbone and head")
-    center_lr: float = _option(2e-2, "peak learning rate of the class centers")
+    center_lr: float = _option(2e-2, "peak learning rate of the class centers (row-sparse AdamW: only the "
+                                     "sampled centers move)")
     weight_decay: float = _option(0.05, "AdamW weight decay of the backbone and head")
     warmup_steps: int = _option(50, "linear warm-up steps")
     schedule: str = _option("cosine", "decay after warm-up: cosine or poly")
@@ -244,8 +246,8 @@ def _teacher(config: TrainConfig, device: torch.device, progress: bool):
     return features, teacher.dim
 
 
-def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn, optimizer, scheduler, world: int,
-                     device: torch.device) -> int:
+def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn, optimizers: list,
+                     schedulers: list, world: int, device: torch.device) -> int:
     """Restore everything from ``path``; returns its step. If any rank fails, every rank raises."""
     error, step = None, -1
     try:
@@ -257,9 +259,15 @@ def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn,
         student.embedder.load_state_dict(state["model"])
         if student.projection is not None:
             student.projection.load_state_dict(state["projection"])
+        if len(state.get("optimizers", ())) != len(optimizers):
+            raise ValueError(f"{path} was written by an earlier version, which trained the class centers with "
+                             "the network's dense optimizer; it cannot resume here (start a new --run-dir; "
+                             "`classify`/`register` still read it)")
         loss_fn.load_state_dict(state["loss"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        for optimizer, scheduler, saved, saved_schedule in zip(optimizers, schedulers, state["optimizers"],
+                                                               state["schedulers"], strict=True):
+            optimizer.load_state_dict(saved)
+            scheduler.load_state_dict(saved_schedule)
         set_rng_state(state["rng"])
         step = state["step"]
     except Exception as caught:  # noqa: BLE001 - whatever it is, every rank must learn of it
@@ -349,12 +357,11 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         student = student.to(memory_format=torch.channels_last)
     margin_args = {"s": config.scale} | ({"m": config.margin_m} if config.margin in ("cosface", "arcface") else {})
     loss_fn = PartialFCLoss(config.embedding_size, data.num_classes, create_margin(config.margin, **margin_args),
-                            sample_rate=config.sample_rate, backend=config.backend, seed=config.seed).to(device)
-    optimizer = torch.optim.AdamW([
-        {"params": student.parameters(), "lr": config.lr, "weight_decay": config.weight_decay},
-        {"params": loss_fn.parameters(), "lr": config.center_lr, "weight_decay": 0.0},
-    ])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_then_decay(config))
+                            sample_rate=config.sample_rate, backend=config.backend, seed=config.seed,
+                            sparse_grad=True).to(device)
+    optimizers = [torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay),
+                  SparseAdamW(loss_fn.parameters(), lr=config.center_lr, weight_decay=0.0)]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup_then_decay(config)) for o in optimizers]
     checkpoint, start = run / ("checkpoint.pt" if world == 1 else f"checkpoint-rank{rank}.pt"), 0
     other_layout = list(run.glob("checkpoint-rank*.pt")) if world == 1 else list(run.glob("checkpoint.pt"))
     if other_layout:
@@ -366,7 +373,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         raise ValueError(f"some ranks find their checkpoint in {run} and others do not: a resume needs the "
                          "same number of processes as the run that saved it (and all its checkpoint-rank*.pt)")
     if some_have:
-        start = _load_checkpoint(checkpoint, config, student, loss_fn, optimizer, scheduler, world, device)
+        start = _load_checkpoint(checkpoint, config, student, loss_fn, optimizers, schedulers, world, device)
         if lead:
             _truncate_metrics(run / "metrics.jsonl", start)
     elif lead:
@@ -414,22 +421,24 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             if non_finite:
                 raise FloatingPointError(f"the loss is not finite at step {step} ({record}); stopped without "
                                          f"saving, the last checkpoint ({checkpoint}) is as it was")
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
-            optimizer.step()
-            scheduler.step()
+            for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+                optimizer.step()
+                scheduler.step()
             step += 1
             now = time.perf_counter()
             rate = world * len(labels) / (now - last)  # wall clock, data loading included
             last = now
             if lead:
                 _append_metrics(run / "metrics.jsonl", {"step": step, "loss": total, **record,
-                                                        "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
+                                                        "lr": schedulers[0].get_last_lr()[0], "images_per_s": rate})
             bar.update(1)
-            bar.set_postfix(loss=f"{total:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{schedulers[0].get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
             if step % config.checkpoint_every == 0 or stop:
-                save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizer, scheduler))
+                save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizers, schedulers))
             if stop:
                 raise KeyboardInterrupt(f"interrupted: step {step} saved to {checkpoint}; run again to resume")
     finally:
@@ -439,7 +448,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         schedule = BatchSchedule(len(data), config.batch_size, config.seed, 0, config.precise_bn_batches, rank, world)
         recalibrate_batchnorm(student.embedder, (torch.stack([data[item][0] for item in batch]).to(device)
                                                  for batch in schedule))
-    save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizer, scheduler))
+    save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizers, schedulers))
     if not lead:
         dist.barrier()
         return {}

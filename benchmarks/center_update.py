@@ -147,9 +147,14 @@ def main() -> None:
             medians[variant] = time_step(make_step(variant, case, device), args.rounds)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        lines += [f"## {case.name}", "", "| variant | ms | × loss alone |", "|---|---:|---:|"]
-        lines += [f"| {v} | {1e3 * t:.1f} | {t / medians['loss']:.2f} |" for v, t in medians.items()]
-        lines.append("")
+        lines += [f"## {case.name}", "", "| variant | ms | × loss alone | held MB | step peak MB | total MB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for variant, seconds in medians.items():
+            held, peak = (value / 2**20 for value in memory(variant, case).values())
+            lines.append(f"| {variant} | {1e3 * seconds:.1f} | {seconds / medians['loss']:.2f} | {held:,.0f} | "
+                         f"{peak:,.0f} | {held + peak:,.0f} |")
+        lines += ["", "held: centers and optimizer state between steps; step peak: above that during a step "
+                  "(measured in a fresh process).", ""]
     budget = args.capacity_gib * 1e9
     sizes = (100_000, 400_000) if device.type == "cpu" else (1_000_000, 4_000_000)
     lines += [f"## Largest C at D=512, sample rate 0.1, B=1024, in {args.capacity_gib:g} GB", "",

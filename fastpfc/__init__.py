@@ -1,5 +1,6 @@
 """fastpfc: fused PartialFC margin-softmax loss (ArcFace/CosFace) for millions of classes."""
 
+from . import optim
 from .functional import margin_softmax, partial_fc_loss
 from .loss import PartialFCLoss
 from .margins import MARGINS, ArcFace, CombinedMargin, CosFace, Margin, Softmax, create_margin
@@ -18,6 +19,7 @@ __all__ = [
     "Softmax",
     "create_margin",
     "margin_softmax",
+    "optim",
     "partial_fc_loss",
     "reference_partial_fc_loss",
     "sample_centers",

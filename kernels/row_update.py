@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .config import INTERPRET
+from .unit_rows import row_block
 
 #: Elements per program: whole rows, 8 values of each tensor per thread. Compiled for sm_90 this
 #: keeps AdamW at 48-96 registers and SGD at 32-56 for D = 128..4096, no spills (4096 elements
@@ -26,25 +27,12 @@ _UPDATE_BLOCK_ELEMENTS = 1 << 16 if INTERPRET else 1 << 10
 
 
 @triton.jit
-def _row_offsets(rows_ptr, num_rows, dim, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_ROWS: tl.constexpr):
-    """(position of each row in the gradient, its row in the weight, the columns, the mask)."""
-    offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    mask_r = offs_r < num_rows
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
-    else:
-        rows = offs_r
-    offs_d = tl.arange(0, BLOCK_D)
-    return offs_r, rows, offs_d, mask_r[:, None] & (offs_d < dim)[None, :]
-
-
-@triton.jit
 def _sgd_rows_kernel(
     weight_ptr, grad_ptr, buf_ptr, rows_ptr, num_rows, dim, stride_w, stride_g, lr, momentum, weight_decay,
     HAS_ROWS: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    offs_r, rows, offs_d, mask = _row_offsets(rows_ptr, num_rows, dim, BLOCK_R, BLOCK_D, HAS_ROWS)
+    offs_r, rows, offs_d, mask = row_block(rows_ptr, num_rows, dim, HAS_ROWS, BLOCK_R, BLOCK_D)
     w_ptrs = weight_ptr + rows[:, None] * stride_w + offs_d[None, :]
     w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(grad_ptr + offs_r[:, None] * stride_g + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -66,7 +54,7 @@ def _adamw_rows_kernel(
     lr, beta1, beta2, log2_beta1, log2_beta2, eps, weight_decay,
     HAS_ROWS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    offs_r, rows, offs_d, mask = _row_offsets(rows_ptr, num_rows, dim, BLOCK_R, BLOCK_D, HAS_ROWS)
+    offs_r, rows, offs_d, mask = row_block(rows_ptr, num_rows, dim, HAS_ROWS, BLOCK_R, BLOCK_D)
     mask_r = offs_r < num_rows
     step = tl.load(row_step_ptr + rows, mask=mask_r, other=0) + 1
     tl.store(row_step_ptr + rows, step, mask=mask_r)

@@ -18,10 +18,9 @@ from .tensors import aligned_empty
 
 
 @triton.jit
-def _unit_rows_kernel(
-    src_ptr, index_ptr, dst_ptr, inv_norm_ptr, num_rows, dim, stride_row, stride_dst, eps,
-    HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def row_block(index_ptr, num_rows, dim, HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's rows: ``(positions [BLOCK_R] int64, their rows index[position] (the
+    positions themselves without an index), the columns [BLOCK_D], the [BLOCK_R, BLOCK_D] mask)``."""
     offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     mask_r = offs_r < num_rows
     if HAS_INDEX:
@@ -29,7 +28,16 @@ def _unit_rows_kernel(
     else:
         rows = offs_r
     offs_d = tl.arange(0, BLOCK_D)
-    mask = mask_r[:, None] & (offs_d < dim)[None, :]
+    return offs_r, rows, offs_d, mask_r[:, None] & (offs_d < dim)[None, :]
+
+
+@triton.jit
+def _unit_rows_kernel(
+    src_ptr, index_ptr, dst_ptr, inv_norm_ptr, num_rows, dim, stride_row, stride_dst, eps,
+    HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    offs_r, rows, offs_d, mask = row_block(index_ptr, num_rows, dim, HAS_INDEX, BLOCK_R, BLOCK_D)
+    mask_r = offs_r < num_rows
     v = tl.load(src_ptr + rows[:, None] * stride_row + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     inv_norm = tl.div_rn(1.0, tl.maximum(tl.sqrt_rn(tl.sum(v * v, axis=1)), eps))
     tl.store(inv_norm_ptr + offs_r, inv_norm, mask=mask_r)
@@ -69,19 +77,13 @@ def _unit_rows_backward_kernel(
     grad_unit_ptr, unit_ptr, inv_norm_ptr, index_ptr, out_ptr, num_rows, dim, stride_grad, stride_unit, stride_out,
     HAS_INDEX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    offs_r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    offs_r, rows, offs_d, mask = row_block(index_ptr, num_rows, dim, HAS_INDEX, BLOCK_R, BLOCK_D)
     mask_r = offs_r < num_rows
-    offs_d = tl.arange(0, BLOCK_D)
-    mask = mask_r[:, None] & (offs_d < dim)[None, :]
     g = tl.load(grad_unit_ptr + offs_r[:, None] * stride_grad + offs_d[None, :], mask=mask, other=0.0)
     u = tl.load(unit_ptr + offs_r[:, None] * stride_unit + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
     inv_norm = tl.load(inv_norm_ptr + offs_r, mask=mask_r, other=0.0)
     radial = tl.sum(g * u, axis=1)
     grad = (g - radial[:, None] * u) * inv_norm[:, None]
-    if HAS_INDEX:
-        rows = tl.load(index_ptr + offs_r, mask=mask_r, other=0).to(tl.int64)
-    else:
-        rows = offs_r
     tl.store(out_ptr + rows[:, None] * stride_out + offs_d[None, :], grad.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -96,16 +96,20 @@ def time_step(step: Callable[[], None], rounds: int) -> float:
     return statistics.median(times)
 
 
-def _memory_in_this_process(variant: str, case: UpdateCase) -> dict[str, int]:
-    """Bytes held between steps (centers, optimizer state) and the peak above them during a step."""
+def _memory_in_this_process(variant: str, case: UpdateCase) -> dict[str, int | None]:
+    """Bytes held between steps (centers, optimizer state) and the peak above them during a step;
+    ``None`` for both when the device runs out of memory."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gc.collect()
     before = allocated_memory(device)
-    step = make_step(variant, case, device)
-    step()  # creates the optimizer state
-    gc.collect()
-    held = allocated_memory(device) - before
-    return {"held_bytes": held, "step_peak_bytes": peak_memory(step, device)[1]}
+    try:
+        step = make_step(variant, case, device)
+        step()  # creates the optimizer state
+        gc.collect()
+        held = allocated_memory(device) - before
+        return {"held_bytes": held, "step_peak_bytes": peak_memory(step, device)[1]}
+    except torch.OutOfMemoryError:
+        return {"held_bytes": None, "step_peak_bytes": None}
 
 
 def memory(variant: str, case: UpdateCase) -> dict[str, int]:
@@ -131,7 +135,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--probe", nargs=2, metavar=("VARIANT", "CASE"), help=argparse.SUPPRESS)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--capacity-gib", type=float, default=141.0,
+    parser.add_argument("--confirm", action="store_true",
+                        help="on CUDA, train one step at 95%% of the estimated largest C (minutes: the centers of "
+                             "tens of millions of classes are initialised on the host)")
+    parser.add_argument("--capacity-gb", type=float, default=141.0,
                         help="memory the largest-C estimate fills (default: one H200's 141 GB)")
     args = parser.parse_args()
     if args.probe:
@@ -155,15 +162,21 @@ def main() -> None:
                          f"{peak:,.0f} | {held + peak:,.0f} |")
         lines += ["", "held: centers and optimizer state between steps; step peak: above that during a step "
                   "(measured in a fresh process).", ""]
-    budget = args.capacity_gib * 1e9
+    budget = args.capacity_gb * 1e9
     sizes = (100_000, 400_000) if device.type == "cpu" else (1_000_000, 4_000_000)
-    lines += [f"## Largest C at D=512, sample rate 0.1, B=1024, in {args.capacity_gib:g} GB", "",
+    lines += [f"## Largest C at D=512, sample rate 0.1, B=1024, in {args.capacity_gb:g} GB", "",
               f"Memory of a training step (centers + optimizer state + the step's peak), fitted from C = "
               f"{sizes[0]:,} and {sizes[1]:,} measured on {description}.", "",
               "| variant | bytes per class | fixed MB | largest C |", "|---|---:|---:|---:|"]
     for variant in ("sparse-sgd", "sparse-adamw", "dense-sgd", "dense-adamw"):
         slope, fixed = bytes_per_class(variant, 1024, 512, 0.1, sizes)
         lines.append(f"| {variant} | {slope:,.0f} | {fixed / 2**20:,.0f} | {(budget - fixed) / slope / 1e6:.1f}M |")
+        if args.confirm and device.type == "cuda" and variant.startswith("sparse"):  # 95% of it must train
+            total = torch.cuda.get_device_properties(device).total_memory
+            classes = int(0.95 * (total - fixed) / slope)
+            fits = memory(variant, UpdateCase(1024, 512, classes, 0.1))["held_bytes"] is not None
+            lines.append(f"| {variant}: a step at C = {classes:,} on this device | | | "
+                         f"{'trains' if fits else 'out of memory'} |")
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"center-update-{slug}.md"
     path.write_text("\n".join(lines) + "\n")

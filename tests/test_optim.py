@@ -168,6 +168,23 @@ def test_grad_scaler_unscales_and_skips_a_step_with_inf():
     assert scaler.get_scale() == 2.0 ** 11
 
 
+def test_under_bf16_autocast_the_center_gradient_is_fp32_rows_of_the_dense_one():
+    backbone = torch.nn.Linear(12, 8).to(DEVICE)
+    images = torch.randn(6, 12, device=DEVICE)
+    labels = torch.randint(0, 30, (6,), device=DEVICE)
+    grads = {}
+    for sparse in (False, True):
+        loss_fn = PartialFCLoss(8, 30, sample_rate=0.3, seed=3, sparse_grad=sparse).to(DEVICE)
+        with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+            embeddings = backbone(images)
+            assert embeddings.dtype == torch.bfloat16
+            loss = loss_fn(embeddings, labels)
+        loss.backward()
+        grads[sparse] = loss_fn.weight.grad
+    assert grads[True].is_sparse and grads[True].dtype == torch.float32
+    assert torch.equal(grads[True].to_dense(), grads[False])
+
+
 def test_accumulated_gradients_are_summed_per_row():
     loss_fn = PartialFCLoss(8, 30, sample_rate=0.3, seed=1, sparse_grad=True).double().to(DEVICE)
     dense = copy.deepcopy(loss_fn)

@@ -84,8 +84,9 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
     the ``step`` loop over parameters that have a gradient."""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], fused: bool | None) -> None:
-        if fused and not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
-            raise RuntimeError("fused=True needs CUDA (or TRITON_INTERPRET=1 set before fastpfc is imported)")
+        for name in ("lr", "weight_decay"):
+            if not defaults[name] >= 0.0:
+                raise ValueError(f"{name} must be >= 0, got {defaults[name]}")
         super().__init__(params, defaults)
         self.fused = fused
         for group in self.param_groups:
@@ -98,7 +99,12 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         """The Triton kernel for CUDA parameters (``fused=None``), or as ``fused`` says."""
         if self.fused is None:
             return param.is_cuda
-        return self.fused and param.dtype != torch.float64
+        if self.fused and not (param.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError("fused=True needs CUDA parameters (or TRITON_INTERPRET=1 set before fastpfc is "
+                               "imported, to run the kernel on the CPU); use fused=None or False on the CPU")
+        if self.fused and param.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"fused=True updates fp32/fp16/bf16 parameters, got {param.dtype}; use fused=False")
+        return self.fused
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
@@ -161,12 +167,8 @@ class SparseSGD(_RowSparseOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, weight_decay: float = 0.0,
                  nesterov: bool = False, fused: bool | None = None) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         if nesterov and momentum == 0.0:
             raise ValueError("nesterov needs a momentum > 0")
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "nesterov": nesterov}
@@ -211,14 +213,10 @@ class SparseAdamW(_RowSparseOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 1e-2, fused: bool | None = None) -> None:
-        if not lr >= 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
+        if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
             raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
         if not eps >= 0.0:
             raise ValueError(f"eps must be >= 0, got {eps}")
-        if not weight_decay >= 0.0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}, fused)
 
     def _state(self, param, group):

@@ -242,12 +242,20 @@ def test_an_empty_batch_gives_an_empty_sparse_gradient():
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="rows of \\[N, D\\] parameters"):
         SparseSGD([torch.nn.Parameter(torch.randn(5))], lr=0.1)
+    with pytest.raises(ValueError, match="lr must be >= 0"):
+        SparseSGD([torch.nn.Parameter(torch.randn(5, 2))], lr=float("nan"))
+    with pytest.raises(ValueError, match="weight_decay must be >= 0"):
+        SparseAdamW([torch.nn.Parameter(torch.randn(5, 2))], weight_decay=-1.0)
     with pytest.raises(ValueError, match="momentum"):
         SparseSGD([torch.nn.Parameter(torch.randn(5, 2))], lr=0.1, momentum=1.5)
     with pytest.raises(ValueError, match="nesterov"):
         SparseSGD([torch.nn.Parameter(torch.randn(5, 2))], lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="betas"):
         SparseAdamW([torch.nn.Parameter(torch.randn(5, 2))], betas=(0.9, 1.0))
+    wide = torch.nn.Parameter(torch.randn(5, 2, dtype=torch.float64))
+    wide.grad = torch.randn(5, 2, dtype=torch.float64)
+    with pytest.raises(TypeError, match="fused=True updates fp32/fp16/bf16"):
+        SparseAdamW([wide], fused=True).step()
     param = torch.nn.Parameter(torch.randn(5, 2))
     param.grad = torch.randn(5, 2).to_sparse()  # element-sparse, not row-sparse
     with pytest.raises(ValueError, match="whole rows"):

@@ -87,7 +87,7 @@ def test_a_checkpoint_of_the_dense_center_optimizer_is_refused_with_a_reason(tmp
     state["optimizer"], state["scheduler"] = state.pop("optimizers")[0], state.pop("schedulers")[0]
     torch.save(state, tmp_path / "checkpoint.pt")  # the layout of earlier versions
     with pytest.raises(ValueError, match="earlier version, which trained the class centers"):
-        train(_config(tmp_path, steps=4), progress=False)
+        train(_config(tmp_path, steps=2), progress=False)
 
 
 def test_resuming_with_other_options_is_refused(tmp_path):

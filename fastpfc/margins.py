@@ -5,11 +5,22 @@ A margin maps the B target cosines ``cos(theta)`` to the B target logits; every 
 no kernel change. All margins keep the target logit at or below ``scale * cos(theta)`` for every
 ``theta`` in ``[0, pi]``: a margin never makes the target easier.
 
-Angular margins (:class:`ArcFace`, :class:`CombinedMargin`) use ``cos(m1 * theta + m2)`` while the
-angle ``m1 * theta + m2`` is at most ``pi``. Past that point the cosine would rise again, so for
-``theta > theta_max = (pi - m2) / m1`` the target logit continues as
-``cos(theta) - (1 + cos(theta_max))``: continuous at ``theta_max`` (both sides equal ``-1``),
-still decreasing in ``theta`` and still below ``cos(theta)``.
+Angular margins (:class:`ArcFace`, :class:`CombinedMargin`) use ``cos(m1 * theta + m2)`` on
+``[THETA_MIN, theta_max]`` and continue it at both ends:
+
+* Past ``theta_max = (pi - m2) / m1`` the cosine would rise again, so there the target logit
+  continues as ``cos(theta) - (1 + cos(theta_max))``: continuous at ``theta_max`` (both sides
+  equal ``-1``), still decreasing in ``theta`` and still below ``cos(theta)``.
+* Below ``THETA_MIN`` (0.1 rad, ``cos(theta) > 0.995``) it continues along its tangent, linear in
+  ``cos(theta)``. The exact derivative ``m1 * sin(m1 * theta + m2) / sin(theta)`` grows without
+  bound as ``theta -> 0`` (for ArcFace it is ``cos m + sin m * cot(theta)``), so a center that
+  (nearly) duplicates an embedding would get an arbitrarily large gradient. The tangent keeps the
+  value and the derivative continuous, bounds the derivative by its value at ``THETA_MIN`` (5.66
+  for ``m = 0.5``, times ``s``), and stays below ``cos(theta)``. The value there is at most
+  ``0.03 * s`` below the exact one (at ``theta = 0``, ``m = 0.5``).
+
+``m1 = 1, m2 = 0`` is no angular margin at all: :class:`CombinedMargin` then computes
+``s * (cos(theta) - m3)`` directly, exactly CosFace (no ``acos`` round trip).
 """
 
 from __future__ import annotations
@@ -19,8 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-#: Cosines are clamped to ``[-1 + EPS, 1 - EPS]`` before ``acos`` so its gradient stays finite.
+#: Cosines are clamped at ``-1 + EPS`` before ``acos`` so its gradient stays finite.
 _ACOS_EPS = 1e-6
+#: Below this angle (radians) angular margins continue along their tangent (module docstring).
+THETA_MIN = 0.1
 
 
 def _check_non_negative(**values: float) -> None:
@@ -55,13 +68,27 @@ class Margin:
 
 
 def _angular_margin(cos: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
-    """``cos(m1 * theta + m2)`` with the continuous fallback past ``m1 * theta + m2 = pi``."""
-    theta = torch.acos(cos.clamp(-1 + _ACOS_EPS, 1 - _ACOS_EPS))
+    """``cos(m1 * theta + m2)`` with the tangent below ``THETA_MIN`` and the fallback past
+    ``m1 * theta + m2 = pi`` (module docstring)."""
     theta_max = (math.pi - m2) / m1
+    theta_min = min(THETA_MIN, theta_max / 2)
+    cos_min = math.cos(theta_min)
+    tangent_slope = m1 * math.sin(m1 * theta_min + m2) / math.sin(theta_min)
+    tangent = math.cos(m1 * theta_min + m2) + tangent_slope * (cos - cos_min)
     fallback = cos - (1.0 + math.cos(theta_max))
-    # The branch not taken is still differentiated: keep its angle at most pi, so that a large m1
-    # can neither overflow it nor send a NaN gradient through torch.where.
-    return torch.where(theta <= theta_max, torch.cos(m1 * theta.clamp(max=theta_max) + m2), fallback)
+    # Branches not taken are still differentiated: keep the angle within [theta_min, theta_max],
+    # so that neither acos near 1 nor a large m1 can send an inf or NaN gradient through torch.where.
+    theta = torch.acos(cos.clamp(-1 + _ACOS_EPS, cos_min))
+    exact = torch.cos(m1 * theta.clamp(max=theta_max) + m2)
+    return torch.where(cos > cos_min, tangent, torch.where(theta <= theta_max, exact, fallback))
+
+
+def _angular_value(cos: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
+    """``cos(m1 * theta + m2)`` itself (with the fallback past pi), for straight-through margins,
+    whose gradient does not come from it."""
+    theta = torch.acos(cos.clamp(-1.0, 1.0))
+    theta_max = (math.pi - m2) / m1
+    return torch.where(theta <= theta_max, torch.cos(m1 * theta + m2), cos - (1.0 + math.cos(theta_max)))
 
 
 @dataclass(frozen=True)
@@ -90,10 +117,10 @@ class CosFace(Margin):
 class ArcFace(Margin):
     """Additive angular margin: ``s * cos(theta + m)``, with the fallback of the module docstring.
 
-    The gradient is the exact derivative of that function. With ``straight_through=True`` the value
-    is the same but the gradient with respect to ``cos(theta)`` is ``s``, as in the widely used
-    implementation that edits the logits under ``torch.no_grad()``; use it to reproduce training
-    runs tuned for that implementation.
+    The gradient is the exact derivative of that function (bounded below ``THETA_MIN``, see the
+    module docstring). With ``straight_through=True`` the value is ``cos(theta + m)`` itself and
+    the gradient with respect to ``cos(theta)`` is ``s``, as in insightface, which edits the logits
+    under ``torch.no_grad()``; use it to reproduce training runs tuned for that implementation.
     """
 
     m: float = 0.5
@@ -106,10 +133,9 @@ class ArcFace(Margin):
             raise ValueError(f"ArcFace margin m must be < pi, got {self.m}")
 
     def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
-        adjusted = _angular_margin(cos, 1.0, self.m)
         if self.straight_through:
-            adjusted = cos + (adjusted - cos).detach()
-        return self.s * adjusted
+            return self.s * (cos + (_angular_value(cos, 1.0, self.m) - cos).detach())
+        return self.s * _angular_margin(cos, 1.0, self.m)
 
 
 @dataclass(frozen=True)
@@ -117,11 +143,15 @@ class CombinedMargin(Margin):
     """``s * (cos(m1 * theta + m2) - m3)``: SphereFace (m1), ArcFace (m2) and CosFace (m3) at once.
 
     Requires ``m1 >= 1`` and ``m2, m3 >= 0`` so that the target logit never exceeds ``s * cos``.
+    ``m1 = 1, m2 = 0`` is CosFace exactly. ``straight_through=True`` keeps the value and passes the
+    gradient of ``cos(theta)`` through the angular part (``d logit / d cos = s``), as insightface's
+    ``CombinedMarginLoss`` does for ``margin_list=(1.0, m2, 0.0)`` (its ArcFace configs).
     """
 
     m1: float = 1.0
     m2: float = 0.3
     m3: float = 0.2
+    straight_through: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -132,6 +162,10 @@ class CombinedMargin(Margin):
             raise ValueError(f"CombinedMargin m2 must be < pi, got {self.m2}")
 
     def target_logit(self, cos: torch.Tensor) -> torch.Tensor:
+        if self.m1 == 1.0 and self.m2 == 0.0:
+            return self.s * (cos - self.m3)
+        if self.straight_through:
+            return self.s * (cos + (_angular_value(cos, self.m1, self.m2) - cos).detach() - self.m3)
         return self.s * (_angular_margin(cos, self.m1, self.m2) - self.m3)
 
 

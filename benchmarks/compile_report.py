@@ -44,9 +44,9 @@ SM90 = GPUTarget("cuda", 90, 32)
 SM90_REGISTERS, SM90_SHARED, SM90_MAX_CTAS = 65536, 232448, 32
 #: name -> (kernel, constexprs beyond the tiles): the forward, the forward that also stores
 #: numerators, and the softmax-gradient tile of the backward.
-KERNELS = {"partial_lse": (_partial_lse_kernel, {"STORE": False}),
-           "partial_lse+store": (_partial_lse_kernel, {"STORE": True}),
-           "softmax_grad": (_softmax_grad_kernel, {})}
+KERNELS = {"partial_lse": (_partial_lse_kernel, {"STORE": False, "FILTER": False}),
+           "partial_lse+store": (_partial_lse_kernel, {"STORE": True, "FILTER": False}),
+           "softmax_grad": (_softmax_grad_kernel, {"FILTER": False})}
 #: Operand dtypes: the unit embeddings and unit centers share one.
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 _TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
@@ -84,7 +84,7 @@ def _signature(kernel, dtype: torch.dtype, config: TileConfig) -> dict[str, str]
         elif name.endswith("_ptr"):
             signature[name] = "*i64" if name == "target_pos_ptr" else "*fp32"
         else:
-            signature[name] = "fp32" if name == "scale" else "i32"
+            signature[name] = "fp32" if name in ("scale", "filter_threshold") else "i32"
     return signature
 
 

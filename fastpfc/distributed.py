@@ -23,7 +23,7 @@ import torch.distributed as dist
 from .functional import empty_batch_loss, margin_softmax, reduce_loss
 from .margins import Margin
 from .sampling import sample_centers
-from .validation import check_shapes, check_values
+from .validation import check_shapes, check_values, flat_labels
 
 ProcessGroup = dist.ProcessGroup | None
 
@@ -141,6 +141,7 @@ def sharded_partial_fc_loss(
     validate: bool = True,
     memory_budget: int = 0,
     sparse_grad: bool = False,
+    interclass_filtering_threshold: float = 0.0,
 ) -> torch.Tensor:
     """PartialFC loss with the class centers sharded over the ranks of ``group``.
 
@@ -166,8 +167,11 @@ def sharded_partial_fc_loss(
         memory_budget: bytes this rank's backward may keep from its forward (see
             :func:`fastpfc.functional.margin_softmax`).
         sparse_grad: a row-sparse gradient for ``weight_shard`` (the rows used on this rank).
+        interclass_filtering_threshold: inter-class filtering of each shard's non-target cosines
+            (see :func:`fastpfc.functional.margin_softmax`).
     """
     world_size, _ = world(group)
+    labels = flat_labels(labels)
     sizes, any_needs_grad = agree_on_inputs(embeddings, labels, weight_shard, num_classes, validate, group)
     if any_needs_grad and not embeddings.requires_grad:  # every rank must join the backward's reduce-scatter
         embeddings = embeddings.detach().requires_grad_()
@@ -183,7 +187,7 @@ def sharded_partial_fc_loss(
     position = local if index is None else torch.searchsorted(index, local.clamp(0, weight_shard.shape[0] - 1))
     target_pos = torch.where(in_shard, position, -1)
     lse, target_logit = margin_softmax(all_embeddings, weight_shard, index, target_pos, margin, backend,
-                                       memory_budget, sparse_grad)
+                                       memory_budget, sparse_grad, interclass_filtering_threshold)
     parts = _GatherReplicated.apply(torch.stack([lse, target_logit]), group)  # [world, 2, B]
     loss = torch.logsumexp(parts[:, 0], dim=0) - parts[:, 1].sum(dim=0)
     return reduce_loss(loss, reduction)

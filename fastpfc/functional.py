@@ -3,12 +3,14 @@
 A backend is a module with three functions (see ``torch_backend`` and ``triton_backend``):
 
 * ``check_tensors(x, weight)``: raise a clear error for inputs it cannot take;
-* ``forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget)``
-  -> ``(lse, saved)``, where ``memory_budget`` is the bytes the backend may keep for the backward;
+* ``forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget,
+  filter_threshold)`` -> ``(lse, saved)``, where ``memory_budget`` is the bytes the backend may
+  keep for the backward and ``filter_threshold`` (``None``: off) the inter-class filter: a
+  non-target cosine above it counts as 0, with no gradient;
 * ``backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
-  need_x, need_weight, weight_rows)`` -> ``(grad of x / ||x||, grad of weight)``, either ``None``
-  when not needed; with ``weight_rows`` the latter is only the used rows, ``[C, D]`` in the order
-  of ``index``.
+  need_x, need_weight, weight_rows, filter_threshold)`` -> ``(grad of x / ||x||, grad of weight)``,
+  either ``None`` when not needed; with ``weight_rows`` the latter is only the used rows,
+  ``[C, D]`` in the order of ``index``.
 
 :class:`MarginSoftmax` does the part every backend shares, in PyTorch on B values: the target
 cosines, the margin and its exact gradient (by autograd on those B values), the backward of the
@@ -18,13 +20,15 @@ embedding normalization.
 from __future__ import annotations
 
 import importlib
+import math
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
 
 from .margins import Margin
 from .normalize import inv_norms, normalize_backward
-from .validation import check_sample, check_shapes, check_values
+from .validation import check_sample, check_shapes, check_values, flat_labels
 
 #: Backend name -> module; imported on first use, so the torch backend works without Triton.
 BACKENDS: dict[str, str] = {"torch": "fastpfc.torch_backend", "triton": "fastpfc.triton_backend"}
@@ -45,15 +49,23 @@ def _row_major(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How a step runs, beyond its tensors (see :func:`margin_softmax` for each)."""
+
+    memory_budget: int = 0
+    sparse_grad: bool = False
+    filter_threshold: float | None = None
+
+
 class MarginSoftmax(torch.autograd.Function):
     """``(lse, target_logit)`` of the margin logits; see :func:`margin_softmax`."""
 
     @staticmethod
-    def forward(ctx, x, weight, index, target_pos, margin: Margin, backend: ModuleType, memory_budget: int,
-                sparse_grad: bool):
-        ctx.sparse_grad = sparse_grad
+    def forward(ctx, x, weight, index, target_pos, margin: Margin, backend: ModuleType, options: StepOptions):
+        ctx.options = options
         with torch.autocast(x.device.type, enabled=False):  # precision is decided here, not by autocast
-            return MarginSoftmax._forward(ctx, x, weight, index, target_pos, margin, backend, memory_budget)
+            return MarginSoftmax._forward(ctx, x, weight, index, target_pos, margin, backend)
 
     @staticmethod
     def backward(ctx, grad_lse, grad_target_logit):
@@ -61,7 +73,7 @@ class MarginSoftmax(torch.autograd.Function):
             return MarginSoftmax._backward(ctx, grad_lse, grad_target_logit)
 
     @staticmethod
-    def _forward(ctx, x, weight, index, target_pos, margin, backend, memory_budget):
+    def _forward(ctx, x, weight, index, target_pos, margin, backend):
         backend.check_tensors(x, weight)
         x, weight = _row_major(x), _row_major(weight)
         target_pos = target_pos.contiguous()  # the kernels read both as flat arrays
@@ -76,7 +88,7 @@ class MarginSoftmax(torch.autograd.Function):
         cos_target = (x_c * x_inv_norm[:, None] * w_target).sum(dim=1) * inv_norms(w_target)
         target_logit = torch.where(has_target, margin(cos_target), 0.0)
         lse, saved = backend.forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, margin.scale,
-                                         memory_budget)
+                                         ctx.options.memory_budget, ctx.options.filter_threshold)
         ctx.save_for_backward(x, weight, index, target_pos, x_inv_norm, cos_target, target_logit, lse, *saved)
         ctx.margin, ctx.backend = margin, backend
         return lse, target_logit
@@ -92,15 +104,15 @@ class MarginSoftmax(torch.autograd.Function):
             (grad_target_cos,) = torch.autograd.grad(ctx.margin(cos), cos, grad_logit)
         grad_unit_x, grad_weight = ctx.backend.backward(
             x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, ctx.margin.scale,
-            ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.sparse_grad)
-        if grad_weight is not None and ctx.sparse_grad and index is not None:
+            ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.options.sparse_grad, ctx.options.filter_threshold)
+        if grad_weight is not None and ctx.options.sparse_grad and index is not None:
             grad_weight = torch.sparse_coo_tensor(index[None], grad_weight, weight.shape, is_coalesced=True,
                                                   check_invariants=False)  # sorted unique rows
         grad_x = None
         if grad_unit_x is not None:
             x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
             grad_x = normalize_backward(grad_unit_x, x_unit, x_inv_norm).to(x.dtype)
-        return grad_x, grad_weight, None, None, None, None, None, None
+        return grad_x, grad_weight, None, None, None, None, None
 
 
 def margin_softmax(
@@ -112,6 +124,7 @@ def margin_softmax(
     backend: str = "auto",
     memory_budget: int = 0,
     sparse_grad: bool = False,
+    interclass_filtering_threshold: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-sum-exp of the margin logits over the used classes, and the target logits.
 
@@ -135,6 +148,12 @@ def margin_softmax(
         sparse_grad: give ``weight`` a row-sparse gradient (a sparse COO tensor of the rows
             ``index``, see :mod:`fastpfc.optim`) instead of a dense one: nothing ``[C_total, D]``
             is allocated. With ``index=None`` every row is used and the gradient stays dense.
+        interclass_filtering_threshold: 0 (off), or a threshold in (0, 1]: every non-target
+            cosine above it counts as 0 (logit 0, still in the softmax) and gets no gradient, as
+            insightface's ``interclass_filtering_threshold`` (its ``*_filter04`` configs use 0.4):
+            classes that look like near-duplicates of the target are taken for label noise. Rows
+            without a target (``target_pos`` -1) filter every column. Keeps nothing for the
+            backward (``memory_budget`` is not used).
 
     Returns:
         ``lse``: [B] fp32 (fp64 for fp64 inputs), the per-row LSE over these classes. Over shards
@@ -142,13 +161,21 @@ def margin_softmax(
         ``target_logit``: [B], same dtype, 0 where ``target_pos`` is -1.
     """
     check_memory_budget(memory_budget)
+    check_filter_threshold(interclass_filtering_threshold)
     module = importlib.import_module(BACKENDS[resolve_backend(backend, embeddings.device)])
-    return MarginSoftmax.apply(embeddings, weight, index, target_pos, margin, module, memory_budget, sparse_grad)
+    options = StepOptions(memory_budget, sparse_grad, interclass_filtering_threshold or None)
+    return MarginSoftmax.apply(embeddings, weight, index, target_pos, margin, module, options)
 
 
 def check_memory_budget(memory_budget: int) -> None:
     if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 0:
         raise ValueError(f"memory_budget must be a number of bytes >= 0, got {memory_budget!r}")
+
+
+def check_filter_threshold(threshold: float) -> None:
+    if isinstance(threshold, bool) or not isinstance(threshold, int | float) or not math.isfinite(threshold) \
+            or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"interclass_filtering_threshold must be 0 (off) or a cosine in (0, 1], got {threshold!r}")
 
 
 def empty_batch_loss(embeddings: torch.Tensor, weight: torch.Tensor, reduction: str,
@@ -182,6 +209,7 @@ def partial_fc_loss(
     validate: bool = True,
     memory_budget: int = 0,
     sparse_grad: bool = False,
+    interclass_filtering_threshold: float = 0.0,
 ) -> torch.Tensor:
     """Margin softmax cross entropy over the classes ``index`` (all classes when ``None``).
 
@@ -190,7 +218,8 @@ def partial_fc_loss(
     Args:
         embeddings: [B, D] fp32/fp16/bf16; not normalized (that happens inside).
         weight: [C_total, D] class centers.
-        labels: [B] class ids in ``[0, C_total)``, any integer dtype; every label must be in ``index``.
+        labels: [B] (or [B, 1]) class ids in ``[0, C_total)``, any integer dtype; every label must be
+            in ``index``.
         margin: a :class:`fastpfc.margins.Margin`.
         index: int64 [C] sorted unique class ids, e.g. from :func:`fastpfc.sampling.sample_centers`.
         target_pos: int64 [B], ``labels``' positions in ``index`` (computed when ``None``).
@@ -201,10 +230,12 @@ def partial_fc_loss(
             ``False`` skips it.
         memory_budget: bytes the backward may keep from the forward (see :func:`margin_softmax`).
         sparse_grad: a row-sparse gradient for ``weight`` (see :func:`margin_softmax`).
+        interclass_filtering_threshold: inter-class filtering (see :func:`margin_softmax`).
 
     An empty batch gives a zero loss (an empty [0] tensor for ``'none'``) that still
     back-propagates (zero gradients) to ``embeddings`` and ``weight``.
     """
+    labels = flat_labels(labels)
     if validate:
         check_shapes(embeddings, labels, weight)
         check_sample(index, target_pos, labels)
@@ -219,5 +250,5 @@ def partial_fc_loss(
     if target_pos is None:
         target_pos = labels if index is None else torch.searchsorted(index, labels)
     lse, target_logit = margin_softmax(embeddings, weight, index, target_pos, margin, backend, memory_budget,
-                                       sparse_grad)
+                                       sparse_grad, interclass_filtering_threshold)
     return reduce_loss(lse - target_logit, reduction)

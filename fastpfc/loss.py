@@ -10,10 +10,10 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import ProcessGroup, shard_bounds, sharded_partial_fc_loss, world
-from .functional import BACKENDS, REDUCTIONS, check_memory_budget, partial_fc_loss
+from .functional import BACKENDS, REDUCTIONS, check_filter_threshold, check_memory_budget, partial_fc_loss
 from .margins import CosFace, Margin
 from .sampling import sample_centers
-from .validation import check_shapes, check_values
+from .validation import check_constructor_arguments, check_shapes, check_values, flat_labels
 
 #: Rows per independently seeded block of the initial weight (see ``init_centers``).
 _INIT_BLOCK_ROWS = 1 << 16
@@ -74,6 +74,9 @@ class PartialFCLoss(nn.Module):
         memory_budget: bytes the backward may keep from the forward (the softmax numerators of as
             many class blocks as fit, a third less backward matmul work for them); 0, the
             default, keeps nothing ``[B, C]``-sized. See :func:`fastpfc.functional.margin_softmax`.
+        interclass_filtering_threshold: 0 (off), or a cosine in (0, 1]: non-target classes whose
+            cosine exceeds it count as cosine 0 with no gradient, as insightface's option of that
+            name (see :func:`fastpfc.functional.margin_softmax`).
         sparse_grad: give ``weight`` a row-sparse gradient holding only the sampled rows (like
             ``nn.Embedding(sparse=True)``): no dense ``[C, D]`` gradient, and, with
             :class:`fastpfc.optim.SparseSGD` or :class:`fastpfc.optim.SparseAdamW`, an update that
@@ -98,9 +101,12 @@ class PartialFCLoss(nn.Module):
         ddp_backbone: bool = True,
         memory_budget: int = 0,
         sparse_grad: bool = False,
+        interclass_filtering_threshold: float = 0.0,
     ) -> None:
         super().__init__()
+        check_constructor_arguments(embedding_size, num_classes, margin, sample_rate)
         check_memory_budget(memory_budget)
+        check_filter_threshold(interclass_filtering_threshold)
         if embedding_size < 1 or num_classes < 1:
             raise ValueError(f"embedding_size and num_classes must be positive, got {embedding_size}, {num_classes}")
         if not 0.0 < sample_rate <= 1.0:
@@ -113,7 +119,7 @@ class PartialFCLoss(nn.Module):
         self.margin = margin if margin is not None else CosFace()
         self.sample_rate, self.reduction, self.backend, self.validate = sample_rate, reduction, backend, validate
         self.process_group, self.ddp_backbone, self.memory_budget = process_group, ddp_backbone, memory_budget
-        self.sparse_grad = sparse_grad
+        self.sparse_grad, self.interclass_filtering_threshold = sparse_grad, interclass_filtering_threshold
         self.world_size, self.rank = world(process_group)
         self.class_start, self.class_stop = shard_bounds(num_classes, self.world_size, self.rank)
         self.seed = seed if seed is not None else self._shared_random_seed()
@@ -136,14 +142,17 @@ class PartialFCLoss(nn.Module):
         """Loss of ``embeddings`` [B, D] with class ids ``labels`` [B]: scalar, or [B] fp32 for 'none'.
 
         When sharded, ``B`` is this rank's batch and the result is the global batch's loss.
+        Labels of shape ``[B, 1]`` are taken as ``[B]``.
         """
+        labels = flat_labels(labels)
         if self.sharded:  # checks there: a rejection on one rank raises on all of them
             return sharded_partial_fc_loss(
                 embeddings, self.weight, labels, self.margin, self.class_start, self.num_classes,
                 sample_rate=self.sample_rate, generator=self._sampler() if self.sample_rate < 1.0 else None,
                 reduction=self.reduction, backend=self.backend, group=self.process_group,
                 embedding_grad_scale=float(self.world_size) if self.ddp_backbone else 1.0, validate=self.validate,
-                memory_budget=self.memory_budget, sparse_grad=self.sparse_grad)
+                memory_budget=self.memory_budget, sparse_grad=self.sparse_grad,
+                interclass_filtering_threshold=self.interclass_filtering_threshold)
         check_shapes(embeddings, labels, self.weight)
         if self.validate and labels.numel() > 0:
             check_values(embeddings, labels, self.num_classes)
@@ -153,7 +162,8 @@ class PartialFCLoss(nn.Module):
             index, target_pos = sample_centers(labels, self.num_classes, self.sample_rate, self._sampler())
         return partial_fc_loss(embeddings, self.weight, labels, self.margin, index, target_pos,
                                self.reduction, self.backend, validate=False,  # checked above
-                               memory_budget=self.memory_budget, sparse_grad=self.sparse_grad)
+                               memory_budget=self.memory_budget, sparse_grad=self.sparse_grad,
+                               interclass_filtering_threshold=self.interclass_filtering_threshold)
 
     def _sampler(self) -> torch.Generator:
         """This rank's sampling generator on the weight's device, created (and restored) on first use."""
@@ -168,7 +178,13 @@ class PartialFCLoss(nn.Module):
         return self._generator
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """Refuse, before anything is copied, a state saved for other classes (another rank's shard)."""
+        """Refuse, before anything is copied, a state saved for other classes (another rank's shard).
+        A plain ``{"weight": ...}`` (insightface's ``PartialFC_V2``, :meth:`plain_state_dict`) loads
+        with a warning: it holds no sampling state, so sampling restarts from this module's seed."""
+        if prefix + "weight" in state_dict and prefix + "_extra_state" not in state_dict:
+            warnings.warn("loading a state without fastpfc's sampling state (a plain {'weight': ...}, e.g. "
+                          "insightface's): sampling restarts from this module's seed", stacklevel=4)
+            state_dict[prefix + "_extra_state"] = self.get_extra_state()
         extra = state_dict.get(prefix + "_extra_state")
         mine = [self.class_start, self.class_stop, self.num_classes]
         if isinstance(extra, dict) and "classes" in extra and list(extra["classes"]) != mine:
@@ -177,6 +193,12 @@ class PartialFCLoss(nn.Module):
                              f"[{mine[0]}, {mine[1]}) of {mine[2]}: load a world-size-independent checkpoint "
                              "with fastpfc.distributed.load_full_state_dict")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def plain_state_dict(self) -> dict[str, torch.Tensor]:
+        """``{"weight": [C, D] (this rank's shard when sharded)}``, a copy: the layout of
+        insightface's ``PartialFC_V2.state_dict()`` at the same world size and rank (its shards
+        split the classes as fastpfc's do), without fastpfc's sampling state."""
+        return {"weight": self.weight.detach().clone()}
 
     def get_extra_state(self) -> dict[str, Any]:
         state = {"seed": self.seed, "world_size": self.world_size, "rank": self.rank,
@@ -199,4 +221,5 @@ class PartialFCLoss(nn.Module):
         shard = f", classes [{self.class_start}, {self.class_stop}) of rank {self.rank}" if self.sharded else ""
         return (f"embedding_size={self.embedding_size}, num_classes={self.num_classes}, margin={self.margin}, "
                 f"sample_rate={self.sample_rate}, reduction={self.reduction!r}, backend={self.backend!r}, "
-                f"memory_budget={self.memory_budget}, sparse_grad={self.sparse_grad}{shard}")
+                f"memory_budget={self.memory_budget}, sparse_grad={self.sparse_grad}, "
+                f"interclass_filtering_threshold={self.interclass_filtering_threshold}{shard}")

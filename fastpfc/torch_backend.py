@@ -36,20 +36,26 @@ def _unit_centers(weight, index, start, stop, dtype):
     return w * w_inv_norm[:, None], w_inv_norm
 
 
-def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget):
+def _filtered(cos: torch.Tensor, filter_threshold: float | None) -> torch.Tensor:
+    """Inter-class filtering, in place: cosines above the threshold count as 0."""
+    return cos if filter_threshold is None else cos.masked_fill_(cos > filter_threshold, 0.0)
+
+
+def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget, filter_threshold):
     """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`).
 
     ``saved`` holds, for the first blocks that fit in ``memory_budget`` bytes, their softmax
-    numerators [B, chunk] and row maxima [B, 1], in pairs.
+    numerators [B, chunk] and row maxima [B, 1], in pairs (none with inter-class filtering, whose
+    backward needs the cosines).
     """
     x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
     num_cols = weight.shape[0] if index is None else index.shape[0]
     starts, chunk = chunk_bounds(x.shape[0], num_cols, x.device)
     lse = torch.full((x.shape[0],), float("-inf"), dtype=x_unit.dtype, device=x.device)
-    saved, budget_left = [], memory_budget
+    saved, budget_left = [], memory_budget if filter_threshold is None else 0
     for start in starts:
         w_unit, _ = _unit_centers(weight, index, start, start + chunk, x_unit.dtype)
-        logits = (x_unit @ w_unit.T).mul_(scale)
+        logits = _filtered(x_unit @ w_unit.T, filter_threshold).mul_(scale)
         scatter_target(logits, target_pos, start, target_logit)
         block_max = logits.amax(dim=1, keepdim=True)
         numerators = logits.sub_(block_max).exp_()
@@ -64,7 +70,7 @@ def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, m
 
 
 def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
-             need_x, need_weight, weight_rows):
+             need_x, need_weight, weight_rows, filter_threshold):
     """Gradients of the unit embeddings and of the weight (contract of ``MarginSoftmax``)."""
     x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
     num_cols = weight.shape[0] if index is None else index.shape[0]
@@ -79,8 +85,11 @@ def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, gra
             numerators, block_max = saved[2 * block], saved[2 * block + 1]
             grad_cos = grad_from_numerators(numerators, block_max, lse, grad_lse, scale, x_unit.dtype)
         else:  # recomputed, in place in the cosine block
-            grad_cos = (x_unit @ w_unit.T).mul_(scale).sub_(lse[:, None]).exp_()
-            grad_cos.mul_((grad_lse * scale)[:, None])
+            cos = x_unit @ w_unit.T
+            filtered = None if filter_threshold is None else cos > filter_threshold
+            grad_cos = cos.mul_(scale).sub_(lse[:, None]).exp_().mul_((grad_lse * scale)[:, None])
+            if filtered is not None:  # a filtered logit is the constant 0: no gradient
+                grad_cos.masked_fill_(filtered, 0.0)
         scatter_target(grad_cos, target_pos, start, grad_target_cos)
         add_block_gradients(grad_cos, x_unit, w_unit, w_inv_norm, write_index, start, grad_unit_x, grad_weight)
     return grad_unit_x, grad_weight

@@ -75,27 +75,30 @@ def _unit_embeddings(x: torch.Tensor, x_inv_norm: torch.Tensor) -> torch.Tensor:
     return x_unit.copy_(x.float() * x_inv_norm[:, None])
 
 
-def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget):
+def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget, filter_threshold):
     """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`).
 
     ``saved`` is the unit embeddings, the unit centers and their inverse norms, then the stored
-    numerators [B, tiles * BLOCK_C] and tile maxima [B, tiles], if any.
+    numerators [B, tiles * BLOCK_C] and tile maxima [B, tiles], if any (none with inter-class
+    filtering: the backward could not tell a filtered numerator from a kept one).
     """
     config = default_config(x.device, x.dtype)
     x_unit = _unit_embeddings(x, x_inv_norm)
     w_unit, w_inv_norm = unit_rows(weight, index, x.dtype)
     dtype = _numerators_dtype(x)
-    tiles = _stored_tiles(memory_budget, x.shape[0], w_unit.shape[0], config.block_c, dtype)
+    tiles = 0 if filter_threshold is not None else _stored_tiles(memory_budget, x.shape[0], w_unit.shape[0],
+                                                                  config.block_c, dtype)
     kept = ()
     if tiles > 0:
         kept = (torch.empty(x.shape[0], tiles * config.block_c, dtype=dtype, device=x.device),
                 torch.empty(x.shape[0], tiles, dtype=torch.float32, device=x.device))
-    partials = partial_lse(x_unit, w_unit, target_pos, target_logit.float().contiguous(), scale, config, *kept)
+    partials = partial_lse(x_unit, w_unit, target_pos, target_logit.float().contiguous(), scale, config, *kept,
+                           filter_threshold=filter_threshold)
     return torch.logsumexp(partials, dim=0), (x_unit, w_unit, w_inv_norm, *kept)
 
 
 def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
-             need_x, need_weight, weight_rows):
+             need_x, need_weight, weight_rows, filter_threshold):
     """Gradients of the unit embeddings and of the weight (contract of ``MarginSoftmax``)."""
     x_unit, w_unit, w_inv_norm, *kept = saved
     config = default_config(x.device, x.dtype)
@@ -120,7 +123,7 @@ def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, gra
             if scratch is None:
                 scratch = aligned_empty(x.shape[0], min(chunk, num_cols - stored), gemm_dtype, x.device)
             grad_cos = softmax_grad(scratch[:, :stop - start], x_unit, w_unit[start:stop], target_pos - start,
-                                    lse, grad_lse, grad_target_cos, scale, config)
+                                    lse, grad_lse, grad_target_cos, scale, config, filter_threshold)
         add_block_gradients(grad_cos, x_gemm, w_unit[start:stop].to(gemm_dtype), w_inv_norm[start:stop],
                             write_index, start, grad_unit_x, grad_weight, _write_centers)
     return grad_unit_x, grad_weight

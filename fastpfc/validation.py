@@ -7,6 +7,40 @@ import torch
 _EMBEDDING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def flat_labels(labels):
+    """``[B, 1]`` labels (insightface's loaders give them) as ``[B]``; anything else unchanged."""
+    if isinstance(labels, torch.Tensor) and labels.dim() == 2 and labels.shape[1] == 1:
+        return labels.reshape(-1)
+    return labels
+
+
+def check_constructor_arguments(embedding_size, num_classes, margin, sample_rate) -> None:
+    """Types of ``PartialFCLoss``'s leading arguments, with what to write instead of an
+    insightface-style call (``PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate,
+    fp16)``) or an insightface margin module."""
+    from .margins import Margin
+
+    if isinstance(embedding_size, torch.nn.Module) or callable(embedding_size):
+        raise TypeError(
+            f"PartialFCLoss(embedding_size, num_classes, margin=..., sample_rate=...) got a "
+            f"{type(embedding_size).__name__} as embedding_size: this looks like insightface's argument order "
+            "PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate, fp16). Write "
+            "PartialFCLoss(embedding_size, num_classes, margin=CombinedMargin(s, m1, m2, m3, straight_through=True), "
+            "sample_rate=...) (see docs/insightface.md); fp16 follows the embeddings' dtype")
+    for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if margin is not None and not isinstance(margin, Margin):
+        raise TypeError(
+            f"margin must be a fastpfc margin (CosFace, ArcFace, CombinedMargin, Softmax), got "
+            f"{type(margin).__name__}: a module that edits a logits matrix (such as insightface's "
+            "CombinedMarginLoss) cannot run inside the fused kernels, which never build that matrix. "
+            "insightface's margin_list=(m1, m2, m3) with scale s is CombinedMargin(s, m1, m2, m3, "
+            "straight_through=True) (see docs/insightface.md)")
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float):
+        raise TypeError(f"sample_rate must be a number in (0, 1], got {type(sample_rate).__name__} {sample_rate!r}")
+
+
 def check_shapes(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor) -> None:
     """Types, shapes, dtypes and devices: metadata only, no host sync."""
     if not isinstance(embeddings, torch.Tensor) or not isinstance(labels, torch.Tensor):

@@ -39,8 +39,8 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 @triton.jit
 def _partial_lse_kernel(
     x_desc, w_desc, target_pos_ptr, target_logit_ptr, out_ptr, numerators_desc, tile_max_ptr,
-    batch, num_cols, dim, cols_per_split, scale, stored_cols,
-    STORE: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    batch, num_cols, dim, cols_per_split, scale, stored_cols, filter_threshold,
+    STORE: tl.constexpr, FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     split = tl.program_id(1)
@@ -56,7 +56,8 @@ def _partial_lse_kernel(
     col_end = tl.minimum(col_start + cols_per_split, num_cols)
     for c0 in range(col_start, col_end, BLOCK_C):
         cos = cosine_tile(x_desc, w_desc, row0, c0, dim, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
-        logits2 = logits2_tile(cos, c0, col_end, target_pos, target_logit2, scale2, BLOCK_C)
+        logits2 = logits2_tile(cos, c0, col_end, target_pos, target_logit2, scale2, filter_threshold, FILTER,
+                               BLOCK_C)
         tile_max = tl.max(logits2, axis=1)
         numerators = tl.exp2(logits2 - tile_max[:, None])
         new_max = tl.maximum(running_max, tile_max)
@@ -74,8 +75,8 @@ def _partial_lse_kernel(
 @triton.jit
 def _softmax_grad_kernel(
     x_desc, w_desc, target_pos_ptr, lse_ptr, grad_lse_ptr, grad_target_cos_ptr, out_desc,
-    batch, dim, scale,
-    BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    batch, dim, scale, filter_threshold,
+    FILTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     # A 1-D grid, row tiles fastest: the programs that run together share a column tile (one
@@ -91,6 +92,8 @@ def _softmax_grad_kernel(
     grad_target_cos = tl.load(grad_target_cos_ptr + offs_b, mask=mask_b, other=0.0)
     cos = cosine_tile(x_desc, w_desc, row0, c0, dim, BLOCK_B, BLOCK_C, BLOCK_D, DOT_DTYPE, INPUT_PRECISION)
     grad = grad_scale[:, None] * tl.exp2(cos * (scale * LOG2E) - lse2[:, None])
+    if FILTER:  # a filtered logit is the constant 0: no gradient
+        grad = tl.where(cos > filter_threshold, 0.0, grad)
     grad = tl.where(tl.arange(0, BLOCK_C)[None, :] == (target_pos - c0)[:, None], grad_target_cos[:, None], grad)
     out_desc.store([row0, c0], grad.to(out_desc.dtype))  # the descriptor clips rows and columns past the end
 
@@ -123,6 +126,7 @@ def _operands(x_unit: torch.Tensor, w_unit: torch.Tensor, config: TileConfig):
 def partial_lse(
     x_unit: torch.Tensor, w_unit: torch.Tensor, target_pos: torch.Tensor, target_logit: torch.Tensor,
     scale: float, config: TileConfig, numerators: torch.Tensor | None = None, tile_max: torch.Tensor | None = None,
+    filter_threshold: float | None = None,
 ) -> torch.Tensor:
     """Per-split log-sum-exp of the margin logits, optionally keeping the softmax numerators of
     the first columns for the backward.
@@ -137,6 +141,7 @@ def partial_lse(
             ``exp(logit[b, c] - tile_max[b, c // BLOCK_C])`` for the first S columns.
         tile_max: [B, ceil(S / BLOCK_C)] fp32, contiguous, filled with the largest logit of each
             row and tile.
+        filter_threshold: ``None``, or a non-target cosine above it counts as 0 (its logit is 0).
 
     Returns:
         fp32 [num_splits, B]; ``torch.logsumexp(result, 0)`` is the row LSE over all C columns.
@@ -155,7 +160,8 @@ def partial_lse(
         x_desc, w_desc, target_pos, target_logit, out,
         descriptor(numerators, config.block_b, config.block_c) if store else x_desc, tile_max if store else out,
         batch, num_cols, dim, cols_per_split, scale, numerators.shape[1] if store else 0,
-        STORE=store, **_launch_options(config, x_unit),
+        filter_threshold if filter_threshold is not None else 1.0,
+        STORE=store, FILTER=filter_threshold is not None, **_launch_options(config, x_unit),
     )
     return out
 
@@ -163,13 +169,15 @@ def partial_lse(
 def softmax_grad(
     out: torch.Tensor, x_unit: torch.Tensor, w_unit: torch.Tensor, target_pos: torch.Tensor, lse: torch.Tensor,
     grad_lse: torch.Tensor, grad_target_cos: torch.Tensor, scale: float, config: TileConfig,
+    filter_threshold: float | None = None,
 ) -> torch.Tensor:
     """Fill ``out`` [B, C] (fp32/fp16/bf16, aligned rows) with ``dL/dcos`` of the columns
     ``w_unit`` [C, D] and return it.
 
     ``lse``, ``grad_lse`` (upstream gradient of the LSE) and ``grad_target_cos`` (dL/dcos at the
     target column, through the margin) are fp32 [B]; ``target_pos`` counts from ``w_unit``'s first
-    row (-1, or any position outside ``0..C-1``, for none). The rest is as in :func:`partial_lse`.
+    row (-1, or any position outside ``0..C-1``, for none). Filtered cosines (``filter_threshold``)
+    get no gradient. The rest is as in :func:`partial_lse`.
     """
     batch, dim = x_unit.shape
     if batch == 0 or w_unit.shape[0] == 0:
@@ -177,6 +185,8 @@ def softmax_grad(
     grid = (triton.cdiv(batch, config.block_b) * triton.cdiv(w_unit.shape[0], config.block_c),)
     _softmax_grad_kernel[grid](
         *_operands(x_unit, w_unit, config), target_pos, lse, grad_lse, grad_target_cos,
-        descriptor(out, config.block_b, config.block_c), batch, dim, scale, **_launch_options(config, x_unit),
+        descriptor(out, config.block_b, config.block_c), batch, dim, scale,
+        filter_threshold if filter_threshold is not None else 1.0, FILTER=filter_threshold is not None,
+        **_launch_options(config, x_unit),
     )
     return out

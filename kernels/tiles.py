@@ -29,14 +29,19 @@ def cosine_tile(x_desc, w_desc, row0, c0, dim, BLOCK_B: tl.constexpr, BLOCK_C: t
 
 
 @triton.jit
-def logits2_tile(cos, c0, num_cols, target_pos, target_logit2, scale2, BLOCK_C: tl.constexpr):
+def logits2_tile(cos, c0, num_cols, target_pos, target_logit2, scale2, filter_threshold,
+                 FILTER: tl.constexpr, BLOCK_C: tl.constexpr):
     """Base-2 logits [BLOCK_B, BLOCK_C] of the columns ``c0 ..``: ``scale2 * cos``, ``target_logit2[b]``
     at each row's target column and -inf past ``num_cols`` (``scale2 = s * log2(e)``,
-    ``target_logit2 = margin(cos_target) * log2(e)``, ``target_pos`` int32 [BLOCK_B]).
+    ``target_logit2 = margin(cos_target) * log2(e)``, ``target_pos`` int32 [BLOCK_B]). With
+    ``FILTER``, a non-target cosine above ``filter_threshold`` counts as 0 (inter-class filtering).
 
     Positions are compared in int32 relative to the tile: int64 column numbers broadcast over the
     tile would cost two registers per logit element.
     """
     cols = tl.arange(0, BLOCK_C)
-    logits2 = tl.where(cols[None, :] == (target_pos - c0)[:, None], target_logit2[:, None], cos * scale2)
+    logits2 = cos * scale2
+    if FILTER:
+        logits2 = tl.where(cos > filter_threshold, 0.0, logits2)
+    logits2 = tl.where(cols[None, :] == (target_pos - c0)[:, None], target_logit2[:, None], logits2)
     return tl.where(cols[None, :] < num_cols - c0, logits2, float("-inf"))

@@ -25,6 +25,7 @@ from fastpfc.optim import SparseAdamW
 
 NUM_CLASSES, DIM = 53, 24
 MARGIN = ArcFace(s=16.0, m=0.4)
+FILTER = 0.15  # inter-class filtering threshold: random cosines at D=24 exceed it often enough
 BATCH_SIZES = {2: [7, 12], 3: [5, 11, 0]}  # unequal, and one rank with no rows at all
 
 
@@ -53,7 +54,7 @@ def _rows(world_size: int, rank: int) -> slice:
     return slice(sum(sizes[:rank]), sum(sizes[: rank + 1]))
 
 
-def _loss_and_grads(p, world_size, rank, backend, dtype, fixed_sample, reduction):
+def _loss_and_grads(p, world_size, rank, backend, dtype, fixed_sample, reduction, filter_threshold=0.0):
     start, stop = shard_bounds(NUM_CLASSES, world_size, rank)
     x = p["x"][_rows(world_size, rank)].to(dtype).requires_grad_()
     w = p["w"][start:stop].to(dtype).requires_grad_()
@@ -61,7 +62,8 @@ def _loss_and_grads(p, world_size, rank, backend, dtype, fixed_sample, reduction
     if fixed_sample:
         index = p["index"][(p["index"] >= start) & (p["index"] < stop)] - start
     loss = sharded_partial_fc_loss(x, w, p["labels"][_rows(world_size, rank)], MARGIN, start, index=index,
-                                   reduction=reduction, backend=backend)
+                                   reduction=reduction, backend=backend,
+                                   interclass_filtering_threshold=filter_threshold)
     weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
     (loss * weights).sum().backward()
     return {"loss": loss.detach(), "grad_x": x.grad, "grad_w": w.grad}
@@ -79,6 +81,8 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
             for reduction in ("mean", "sum", "none"):
                 key = f"{backend}-{'fixed' if fixed_sample else 'full'}-{reduction}"
                 results[key] = _loss_and_grads(p, world_size, rank, backend, dtype, fixed_sample, reduction)
+
+    results["filtered"] = _loss_and_grads(p, world_size, rank, "torch", torch.float64, True, "mean", FILTER)
 
     # A step in which every rank's batch is empty: a zero loss, zero gradients, no hang.
     start, stop = shard_bounds(NUM_CLASSES, world_size, rank)

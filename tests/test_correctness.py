@@ -194,6 +194,37 @@ def _loss_and_grads_against_float64(p, margin, **options) -> tuple[torch.Tensor,
     return actual
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("sampled", [False, True])
+def test_interclass_filtering_matches_float64_reference(backend, sampled):
+    """insightface's inter-class filtering: non-target cosines above the threshold count as 0 with
+    no gradient. A threshold that filters a good share of the entries, on ragged sizes."""
+    p = make_problem(batch=37, num_classes=83, dim=6, num_sampled=45 if sampled else None, seed=21)
+    threshold = 0.4
+    centers = p["w"] if p["index"] is None else p["w"][p["index"]]
+    cos = torch.nn.functional.normalize(p["x"]) @ torch.nn.functional.normalize(centers).T
+    assert 0.15 < (cos > threshold).double().mean() < 0.5  # the filter really acts
+    expected = loss_and_grads(lambda x, w: reference_partial_fc_loss(
+        x, w, p["labels"], MARGINS[1], p["index"], reduction="none", interclass_filtering_threshold=threshold),
+        p["x"], p["w"])
+    unfiltered = loss_and_grads(lambda x, w: reference_partial_fc_loss(
+        x, w, p["labels"], MARGINS[1], p["index"], reduction="none"), p["x"], p["w"])
+    dtype = torch.float64 if backend == "torch" else torch.float32
+    actual = loss_and_grads(lambda x, w: partial_fc_loss(
+        x, w, p["labels"], MARGINS[1], p["index"], reduction="none", backend=backend,
+        interclass_filtering_threshold=threshold, memory_budget=1 << 20), p["x"].to(dtype), p["w"].to(dtype))
+    for name, a, e, u in zip(("loss", "grad_x", "grad_w"), actual, expected, unfiltered, strict=True):
+        assert max_rel_error(a, e) < (1e-12 if backend == "torch" else 2e-5), name
+        assert max_rel_error(u, e) > 1e-3, name  # filtering changes every output
+
+
+def test_interclass_filtering_threshold_is_checked():
+    p = make_problem(batch=3, num_classes=7, dim=4)
+    for bad in (-0.1, 1.5, float("nan"), True):
+        with pytest.raises(ValueError, match="interclass_filtering_threshold"):
+            partial_fc_loss(p["x"], p["w"], p["labels"], MARGINS[1], interclass_filtering_threshold=bad)
+
+
 @pytest.mark.parametrize("blocks_stored", [1, 3])  # the first block only, then all of them
 @pytest.mark.parametrize("margin", [MARGINS[1], MARGINS[2]], ids=repr)
 def test_stored_numerators_match_float64_reference(monkeypatch, margin, blocks_stored):
@@ -207,7 +238,8 @@ def test_stored_numerators_match_float64_reference(monkeypatch, margin, blocks_s
         x_unit = torch.nn.functional.normalize(p["x"].float())
         target_pos = p["labels"] if p["index"] is None else torch.searchsorted(p["index"], p["labels"])
         _, saved = fastpfc.torch_backend.forward_lse(
-            x_unit, p["w"].float(), p["index"], x_unit.new_ones(37), target_pos, x_unit.new_zeros(37), 1.0, budget)
+            x_unit, p["w"].float(), p["index"], x_unit.new_ones(37), target_pos, x_unit.new_zeros(37), 1.0, budget,
+            None)
         num_blocks = -(-(83 if p["index"] is None else len(p["index"])) // 29)
         assert len(saved) == 2 * min(blocks_stored, num_blocks) and num_blocks > 1
         _loss_and_grads_against_float64(p, margin, backend="torch", memory_budget=budget)

@@ -13,7 +13,7 @@ import fastpfc.distributed as fd
 from fastpfc import PartialFCLoss, partial_fc_loss, reference_partial_fc_loss
 from fastpfc.optim import SparseAdamW
 
-from dist_worker import BATCH_SIZES, DIM, MARGIN, NUM_CLASSES, problem, run
+from dist_worker import BATCH_SIZES, DIM, FILTER, MARGIN, NUM_CLASSES, problem, run
 from helpers import max_rel_error, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
@@ -40,11 +40,11 @@ def test_shard_bounds_cover_classes_once():
         fd.shard_bounds(2, 3, 0)
 
 
-def _single_process(p, backend, dtype, fixed_sample, reduction):
-    x = p["x"].to(dtype).requires_grad_()
-    w = p["w"].to(dtype).requires_grad_()
+def _single_process(p, backend, dtype, fixed_sample, reduction, filter_threshold=0.0):
+    x = p["x"].to(dtype, copy=True).requires_grad_()  # fresh leaves: calls must not share gradients
+    w = p["w"].to(dtype, copy=True).requires_grad_()
     loss = partial_fc_loss(x, w, p["labels"], MARGIN, p["index"] if fixed_sample else None,
-                           reduction=reduction, backend=backend)
+                           reduction=reduction, backend=backend, interclass_filtering_threshold=filter_threshold)
     weights = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
     (loss * weights).sum().backward()
     return loss.detach(), x.grad, w.grad
@@ -65,6 +65,18 @@ def test_sharded_equals_single_process(outcome, backend, dtype, tolerance, fixed
     gathered_x = torch.cat([rank[key]["grad_x"] for rank in ranks]) / world_size
     assert max_rel_error(gathered_x, grad_x) < tolerance
     assert max_rel_error(torch.cat([rank[key]["grad_w"] for rank in ranks]), grad_w) < tolerance
+
+
+def test_interclass_filtering_sharded_equals_single_process(outcome):
+    world_size, ranks = outcome
+    p = problem(world_size)
+    loss, grad_x, grad_w = _single_process(p, "torch", torch.float64, True, "mean", FILTER)
+    plain = _single_process(p, "torch", torch.float64, True, "mean")[0]
+    assert max_rel_error(plain, loss) > 1e-3  # the filter acts on this problem
+    for rank in ranks:
+        assert max_rel_error(rank["filtered"]["loss"], loss) < 1e-10
+    assert max_rel_error(torch.cat([rank["filtered"]["grad_x"] for rank in ranks]) / world_size, grad_x) < 1e-10
+    assert max_rel_error(torch.cat([rank["filtered"]["grad_w"] for rank in ranks]), grad_w) < 1e-10
 
 
 def test_all_ranks_empty(outcome):

@@ -184,7 +184,7 @@ class PartialFCLoss(nn.Module):
         if prefix + "weight" in state_dict and prefix + "_extra_state" not in state_dict:
             warnings.warn("loading a state without fastpfc's sampling state (a plain {'weight': ...}, e.g. "
                           "insightface's): sampling restarts from this module's seed", stacklevel=4)
-            state_dict[prefix + "_extra_state"] = self.get_extra_state()
+            state_dict[prefix + "_extra_state"] = {**self.get_extra_state(), "generator": None}
         extra = state_dict.get(prefix + "_extra_state")
         mine = [self.class_start, self.class_stop, self.num_classes]
         if isinstance(extra, dict) and "classes" in extra and list(extra["classes"]) != mine:

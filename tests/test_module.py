@@ -156,3 +156,56 @@ def test_initial_centers_do_not_depend_on_sharding():
     for world_size in (2, 3, 7):
         bounds = [shard_bounds(70_001, world_size, r) for r in range(world_size)]
         assert torch.equal(torch.cat([init_centers(start, stop, 4, seed=9) for start, stop in bounds]), full)
+
+
+class _InsightfaceStyleMargin(torch.nn.Module):
+    """Stands in for insightface's CombinedMarginLoss: a module that edits a logits matrix."""
+
+    def forward(self, logits, labels):
+        return logits
+
+
+class _PlainPartialFC(torch.nn.Module):
+    """The state layout of insightface's PartialFC_V2: one ``weight`` parameter [C, D]."""
+
+    def __init__(self, num_classes, dim):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.normal(0, 0.01, (num_classes, dim)))
+
+
+def test_insightface_style_calls_say_what_to_write():
+    with pytest.raises(TypeError, match=r"PartialFC_V2\(margin_loss, embedding_size, num_classes"):
+        PartialFCLoss(_InsightfaceStyleMargin(), 64, 2000, 1.0, False)
+    with pytest.raises(TypeError, match=r"CombinedMargin\(s, m1, m2, m3, straight_through=True\)"):
+        PartialFCLoss(64, 2000, margin=_InsightfaceStyleMargin())
+    with pytest.raises(TypeError, match="embedding_size must be an int"):
+        PartialFCLoss(64.0, 2000)
+    with pytest.raises(TypeError, match="sample_rate must be a number"):
+        PartialFCLoss(64, 2000, sample_rate="0.3")
+
+
+def test_labels_of_shape_b_by_1_are_taken_as_b():
+    loss_fn = PartialFCLoss(8, 30, sample_rate=0.5, seed=1)
+    x, labels = torch.randn(5, 8), torch.randint(0, 30, (5,))
+    flat = loss_fn(x, labels)
+    loss_fn.load_state_dict(PartialFCLoss(8, 30, sample_rate=0.5, seed=1).state_dict())  # the same sample again
+    assert torch.equal(loss_fn(x, labels[:, None]), flat)
+
+
+def test_plain_weight_state_loads_with_a_warning_and_exports_back():
+    theirs = _PlainPartialFC(30, 8)
+    ours = PartialFCLoss(8, 30, sample_rate=0.5, seed=3)
+    fresh = PartialFCLoss(8, 30, sample_rate=0.5, seed=3)
+    ours(torch.randn(4, 8), torch.randint(0, 30, (4,)))  # advance the sampler: loading must reset it
+    with pytest.warns(UserWarning, match="sampling restarts from this module's seed"):
+        ours.load_state_dict(theirs.state_dict())
+    assert torch.equal(ours.weight, theirs.weight)
+    x, labels = torch.randn(6, 8), torch.randint(0, 30, (6,))
+    with torch.no_grad():
+        fresh.weight.copy_(theirs.weight)
+    assert torch.equal(ours(x, labels), fresh(x, labels))  # same centers, same (restarted) sample
+    back = _PlainPartialFC(30, 8)
+    back.load_state_dict(ours.plain_state_dict(), strict=True)
+    assert torch.equal(back.weight, ours.weight)
+    with pytest.raises(RuntimeError, match="size mismatch"), pytest.warns(UserWarning, match="sampling restarts"):
+        ours.load_state_dict(_PlainPartialFC(31, 8).state_dict())

@@ -25,8 +25,9 @@ def check_constructor_arguments(embedding_size, num_classes, margin, sample_rate
             f"PartialFCLoss(embedding_size, num_classes, margin=..., sample_rate=...) got a "
             f"{type(embedding_size).__name__} as embedding_size: this looks like insightface's argument order "
             "PartialFC_V2(margin_loss, embedding_size, num_classes, sample_rate, fp16). Write "
-            "PartialFCLoss(embedding_size, num_classes, margin=CombinedMargin(s, m1, m2, m3, straight_through=True), "
-            "sample_rate=...) (see docs/insightface.md); fp16 follows the embeddings' dtype")
+            "PartialFCLoss(embedding_size, num_classes, margin=..., sample_rate=...) with margin_list (1, m, 0) as "
+            "ArcFace(s, m, straight_through=True) and (1, 0, m) as CosFace(s, m) (docs/insightface.md); fp16 "
+            "follows the embeddings' dtype")
     for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -35,8 +36,8 @@ def check_constructor_arguments(embedding_size, num_classes, margin, sample_rate
             f"margin must be a fastpfc margin (CosFace, ArcFace, CombinedMargin, Softmax), got "
             f"{type(margin).__name__}: a module that edits a logits matrix (such as insightface's "
             "CombinedMarginLoss) cannot run inside the fused kernels, which never build that matrix. "
-            "insightface's margin_list=(m1, m2, m3) with scale s is CombinedMargin(s, m1, m2, m3, "
-            "straight_through=True) (see docs/insightface.md)")
+            "insightface's margin_list (1, m, 0) is ArcFace(s, m, straight_through=True), (1, 0, m) is "
+            "CosFace(s, m) (docs/insightface.md)")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float):
         raise TypeError(f"sample_rate must be a number in (0, 1], got {type(sample_rate).__name__} {sample_rate!r}")
 

@@ -176,7 +176,7 @@ class _PlainPartialFC(torch.nn.Module):
 def test_insightface_style_calls_say_what_to_write():
     with pytest.raises(TypeError, match=r"PartialFC_V2\(margin_loss, embedding_size, num_classes"):
         PartialFCLoss(_InsightfaceStyleMargin(), 64, 2000, 1.0, False)
-    with pytest.raises(TypeError, match=r"CombinedMargin\(s, m1, m2, m3, straight_through=True\)"):
+    with pytest.raises(TypeError, match=r"\(1, m, 0\) is ArcFace\(s, m, straight_through=True\)"):
         PartialFCLoss(64, 2000, margin=_InsightfaceStyleMargin())
     with pytest.raises(TypeError, match="embedding_size must be an int"):
         PartialFCLoss(64.0, 2000)

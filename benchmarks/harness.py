@@ -143,6 +143,22 @@ def _torch_chunked_ce(case: Case, device: torch.device, inputs: Inputs) -> LossF
         lambda x, w, y: torch.nn.functional.linear_cross_entropy(x, w, y, options=options()), case, inputs)
 
 
+def _metric_learning_cosface(case: Case, device: torch.device, inputs: Inputs) -> LossFn:
+    """pytorch-metric-learning's ``CosFaceLoss`` (the same loss as the reference, same value: it
+    owns its centers, transposed, which get the inputs' values), a library people use."""
+    from pytorch_metric_learning.losses import CosFaceLoss
+
+    if case.sample_rate < 1.0:
+        raise Unavailable("pytorch-metric-learning has no class sampling")
+    if case.dtype != "fp32":
+        raise Unavailable("pytorch-metric-learning's centers are fp32: fp32 embeddings only")
+    loss = CosFaceLoss(num_classes=case.total_classes, embedding_size=case.dim, margin=MARGIN.m,
+                       scale=MARGIN.s).to(device)
+    with torch.no_grad():
+        loss.W.copy_(inputs.weight.T)
+    return lambda inp: loss(inp.embeddings, inp.labels)
+
+
 def _compiled_reference(case: Case, device: torch.device, inputs: Inputs) -> LossFn:
     return _sampled(torch.compile(reference_partial_fc_loss, dynamic=False), case)
 
@@ -162,6 +178,8 @@ MISSING_HERE: dict[str, Callable[[torch.device], str | None]] = {
                                         else "this torch has no chunked linear_cross_entropy"),
     "liger": lambda device: _package_missing("liger-kernel", "liger_kernel", device),
     "cut-cross-entropy": lambda device: _package_missing("cut-cross-entropy", "cut_cross_entropy", device),
+    "metric-learning": lambda device: (None if importlib.util.find_spec("pytorch_metric_learning")
+                                       else "pytorch-metric-learning is not installed"),
 }
 
 
@@ -184,6 +202,7 @@ IMPLEMENTATIONS: dict[str, Callable[[Case, torch.device, Inputs], LossFn]] = {
     "fastpfc": lambda case, device, inputs: _sampled(functools.partial(partial_fc_loss, validate=False), case),
     "fastpfc-stored": _stored_numerators,
     "reference-compiled": _compiled_reference,
+    "metric-learning": _metric_learning_cosface,
     "torch-chunked-ce": _torch_chunked_ce,
     "liger": _liger,
     "cut-cross-entropy": _cut_cross_entropy,

@@ -1,17 +1,20 @@
 """Checkpoints are read with weights_only=True: a payload is refused, wrong kinds of files are named,
 and every fastpfc-doc subcommand answers a wrong file with one line and exit status 2."""
 
+import errno
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from fastpfc.doc.checkpoints import CheckpointError, read_checkpoint, rng_state, set_rng_state
+from fastpfc.doc.checkpoints import CheckpointError, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastpfc.doc.cli import main
 from fastpfc.doc.embedders import CheckpointEmbedder
+from fastpfc.doc.files import atomic_output
 from fastpfc.doc.model import DocumentEmbedder
 
 
@@ -128,3 +131,46 @@ def test_checkpoints_of_earlier_versions_still_load(tmp_path):
     expected = np.random.standard_normal(2)
     set_rng_state(read_checkpoint(tmp_path / "old.pt")["rng"])
     assert np.array_equal(np.random.standard_normal(2), expected)
+
+
+def test_a_full_disk_says_so_removes_the_partial_file_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    """torch's zip writer reports a short write as a RuntimeError (what a full tmpfs gave): the
+    error now says "no space left", the partial file is gone and the previous checkpoint is intact."""
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1, "weights": torch.arange(4.0)})
+
+    def short_write(state, target):
+        Path(target).write_bytes(b"PK\x03\x04 partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 1024")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    with pytest.raises(OSError, match="no space left on the device of .* while writing checkpoint.pt") as caught:
+        save_checkpoint(path, {"step": 2, "weights": torch.zeros(4)})
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_other_write_errors_pass_through_and_leave_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pt"
+
+    def broken(state, target):
+        Path(target).write_bytes(b"x")
+        raise KeyError("not a disk problem")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(KeyError, match="not a disk problem"):
+        save_checkpoint(path, {"step": 2})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_saving_a_registry_or_text_is_reported_the_same_way(tmp_path):
+    path = tmp_path / "reg.npz"
+    path.write_bytes(b"the previous registry")
+    with pytest.raises(OSError, match="no space left .* reg.npz; the partial file was removed"):
+        with atomic_output(path, tmp_path / "reg.npz.partial.npz") as partial:
+            partial.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")  # what numpy's write raises
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reg.npz"]
+    assert path.read_bytes() == b"the previous registry"

@@ -9,7 +9,6 @@ empty, truncated, a folder) are named as such in the error.
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import warnings
@@ -20,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from .files import atomic_output
 
 #: Options that may differ when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = frozenset({"run_dir", "steps", "workers", "checkpoint_every", "compile", "channels_last",
@@ -63,11 +64,10 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint.
     Under ``torch.distributed`` every rank has written its file before any replaces its previous one."""
-    partial = path.with_suffix(".tmp")
-    torch.save(state, partial)
-    if dist.is_initialized():
-        dist.barrier()
-    os.replace(partial, path)
+    with atomic_output(path, path.with_suffix(".tmp")) as partial:
+        torch.save(state, partial)
+        if dist.is_initialized():
+            dist.barrier()
 
 
 def _kind_of(path: Path) -> str | None:

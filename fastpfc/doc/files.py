@@ -1,10 +1,39 @@
-"""Atomic file writes: a crash or a concurrent writer never leaves a half-written file in place."""
+"""Atomic file writes: a crash, a full disk or a concurrent writer never leaves a half-written file
+in place, and a failed write leaves no partial file behind."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+#: What torch's zip writer says when a write comes up short (it does not raise an OSError).
+_SHORT_WRITE_MESSAGES = ("unexpected pos", "file write failed", "No space left")
+
+
+def _disk_full(error: BaseException) -> bool:
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _SHORT_WRITE_MESSAGES)
+
+
+@contextmanager
+def atomic_output(path: Path, partial: Path) -> Iterator[Path]:
+    """Write to ``partial`` inside the ``with`` block; at its end ``partial`` is renamed over
+    ``path``. On any error ``partial`` is removed and ``path`` keeps its previous content; a full
+    disk becomes an ``OSError(ENOSPC)`` that names the file and says so."""
+    try:
+        yield partial
+        os.replace(partial, path)
+    except BaseException as error:
+        partial.unlink(missing_ok=True)
+        if _disk_full(error):
+            raise OSError(errno.ENOSPC, f"no space left on the device of {path.parent} while writing {path.name}; "
+                          f"the partial file was removed and {path} was left as it was") from error
+        raise
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -12,10 +41,5 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as f:
-            f.write(text)
-        os.replace(partial, path)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, Path(partial)), os.fdopen(handle, "w") as f:
+        f.write(text)

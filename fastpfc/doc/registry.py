@@ -18,13 +18,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .embedders import embed_paths
+from .files import atomic_output
 from .folders import list_images
 
 FORMAT_VERSION = 1
@@ -292,11 +292,10 @@ class Registry:
         meta = {"version": FORMAT_VERSION, "model_id": self.embedder.model_id, "index": self.index_kind,
                 "next_id": self._next_id, "trained_on": self._trained_on,
                 "entries": [asdict(self.entries[i]) for i in self.ids.tolist()]}
-        partial = path.with_name(path.name + ".partial.npz")
-        np.savez(partial, features=self.features, ids=self.ids,
-                 meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-                 index=faiss.serialize_index(self._index) if approximate else np.zeros(0, np.uint8))
-        os.replace(partial, path)
+        with atomic_output(path, path.with_name(path.name + ".partial.npz")) as partial:
+            np.savez(partial, features=self.features, ids=self.ids,
+                     meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
+                     index=faiss.serialize_index(self._index) if approximate else np.zeros(0, np.uint8))
 
     @classmethod
     def load(cls, path: str | Path, embedder) -> Registry:

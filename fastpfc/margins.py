@@ -74,13 +74,15 @@ def _angular_margin(cos: torch.Tensor, m1: float, m2: float) -> torch.Tensor:
     theta_min = min(THETA_MIN, theta_max / 2)
     cos_min = math.cos(theta_min)
     tangent_slope = m1 * math.sin(m1 * theta_min + m2) / math.sin(theta_min)
-    tangent = math.cos(m1 * theta_min + m2) + tangent_slope * (cos - cos_min)
     fallback = cos - (1.0 + math.cos(theta_max))
     # Branches not taken are still differentiated: keep the angle within [theta_min, theta_max],
     # so that neither acos near 1 nor a large m1 can send an inf or NaN gradient through torch.where.
     theta = torch.acos(cos.clamp(-1 + _ACOS_EPS, cos_min))
-    exact = torch.cos(m1 * theta.clamp(max=theta_max) + m2)
-    return torch.where(cos > cos_min, tangent, torch.where(theta <= theta_max, exact, fallback))
+    angular = torch.where(theta <= theta_max, torch.cos(m1 * theta.clamp(max=theta_max) + m2), fallback)
+    if cos_min >= 1.0 or not math.isfinite(tangent_slope):  # an m1 so large that no cosine is that close to 1
+        return angular
+    tangent = math.cos(m1 * theta_min + m2) + tangent_slope * (cos - cos_min)
+    return torch.where(cos > cos_min, tangent, angular)
 
 
 def _angular_value(cos: torch.Tensor, m1: float, m2: float) -> torch.Tensor:

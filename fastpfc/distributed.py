@@ -17,6 +17,8 @@ batch, and every rank must call ``backward`` on the same function of it. Then:
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 import torch.distributed as dist
 
@@ -44,15 +46,21 @@ def shard_bounds(num_classes: int, world_size: int, rank: int) -> tuple[int, int
     return start, start + base + (1 if rank < extra else 0)
 
 
+def _code(value: object) -> int:
+    """A number that stands for ``value`` the same way in every process (``hash`` of a string is not)."""
+    return zlib.crc32(repr(value).encode())
+
+
 def agree_on_inputs(
     embeddings: torch.Tensor, labels: torch.Tensor, weight_shard: torch.Tensor, num_classes: int | None,
-    validate: bool, group: ProcessGroup = None,
+    validate: bool, group: ProcessGroup = None, settings: dict[str, object] | None = None,
 ) -> tuple[list[int], bool]:
     """Check this rank's inputs, then tell every rank what every rank has (one small all-gather).
 
     Returns every rank's row count and whether any rank's embeddings need a gradient. If any rank's
-    inputs were rejected, every rank raises (that rank its own error), so none is left waiting in
-    a collective.
+    inputs were rejected, or the ranks differ in the embeddings' dtype, the embedding size or any
+    of ``settings`` (name -> value: the margin, the sample rate, ...), every rank raises (a rejected
+    rank its own error), so none is left waiting in a collective or mixing different losses.
     """
     error = None
     try:
@@ -61,18 +69,27 @@ def agree_on_inputs(
             check_values(embeddings, labels, num_classes)
     except Exception as rejected:  # noqa: BLE001 - whatever the check raised, every rank must learn of it
         error = rejected
+    shared = {"embeddings' dtype": embeddings.dtype, "embedding size": weight_shard.shape[1], **(settings or {})}
+    codes = [_code(value) for value in shared.values()]
     mine = [0, 1, 0] if error is not None else [embeddings.shape[0], 0, int(embeddings.requires_grad)]
     world_size, _ = world(group)
-    status = [torch.empty(3, dtype=torch.int64, device=weight_shard.device) for _ in range(world_size)]
-    dist.all_gather(status, torch.tensor(mine, dtype=torch.int64, device=weight_shard.device), group=group)
+    status = [torch.empty(3 + len(codes), dtype=torch.int64, device=weight_shard.device) for _ in range(world_size)]
+    dist.all_gather(status, torch.tensor(mine + codes, dtype=torch.int64, device=weight_shard.device), group=group)
     table = torch.stack(status).tolist()
     if error is not None:
         raise error
-    failed = [rank for rank, (_, bad, _) in enumerate(table) if bad]
+    failed = [rank for rank, row in enumerate(table) if row[1]]
     if failed:
         raise RuntimeError(f"rank(s) {failed} rejected their inputs (see the error raised there); "
                            "no rank computed the loss")
-    return [rows for rows, _, _ in table], any(needs_grad for _, _, needs_grad in table)
+    differing = [name for i, name in enumerate(shared) if len({row[3 + i] for row in table}) > 1]
+    if differing:  # every rank sees the same table, so every rank is here: gather the values to name them
+        values = [None] * world_size
+        dist.all_gather_object(values, {name: repr(shared[name]) for name in differing}, group=group)
+        detail = "; ".join(f"{name}: " + ", ".join(f"rank {r} {v[name]}" for r, v in enumerate(values))
+                           for name in differing)
+        raise ValueError(f"the ranks must agree on the loss's settings and inputs, but they differ in {detail}")
+    return [row[0] for row in table], any(row[2] for row in table)
 
 
 def _all_gather_rows(local: torch.Tensor, sizes: list[int], group: ProcessGroup) -> torch.Tensor:
@@ -172,7 +189,9 @@ def sharded_partial_fc_loss(
     """
     world_size, _ = world(group)
     labels = flat_labels(labels)
-    sizes, any_needs_grad = agree_on_inputs(embeddings, labels, weight_shard, num_classes, validate, group)
+    settings = {"margin": margin, "sample rate": sample_rate, "reduction": reduction, "number of classes": num_classes,
+                "interclass_filtering_threshold": interclass_filtering_threshold}
+    sizes, any_needs_grad = agree_on_inputs(embeddings, labels, weight_shard, num_classes, validate, group, settings)
     if any_needs_grad and not embeddings.requires_grad:  # every rank must join the backward's reduce-scatter
         embeddings = embeddings.detach().requires_grad_()
     labels = labels.long()

@@ -189,9 +189,9 @@ def empty_batch_loss(embeddings: torch.Tensor, weight: torch.Tensor, reduction: 
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Apply ``'mean'``, ``'sum'`` or ``'none'`` to per-row losses [B]."""
+    """Apply ``'mean'``, ``'sum'`` or ``'none'`` to per-row losses [B] (the mean of no rows is 0)."""
     if reduction == "mean":
-        return loss.mean()
+        return loss.mean() if loss.numel() > 0 else loss.sum()
     if reduction == "sum":
         return loss.sum()
     return loss

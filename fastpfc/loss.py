@@ -10,7 +10,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .distributed import ProcessGroup, shard_bounds, sharded_partial_fc_loss, world
-from .functional import BACKENDS, REDUCTIONS, check_filter_threshold, check_memory_budget, partial_fc_loss
+from .functional import (
+    BACKENDS,
+    REDUCTIONS,
+    check_filter_threshold,
+    check_memory_budget,
+    partial_fc_loss,
+    reduce_loss,
+)
 from .margins import CosFace, Margin
 from .sampling import sample_centers
 from .validation import check_constructor_arguments, check_shapes, check_values, flat_labels
@@ -142,28 +149,45 @@ class PartialFCLoss(nn.Module):
         """Loss of ``embeddings`` [B, D] with class ids ``labels`` [B]: scalar, or [B] fp32 for 'none'.
 
         When sharded, ``B`` is this rank's batch and the result is the global batch's loss.
-        Labels of shape ``[B, 1]`` are taken as ``[B]``.
+        Labels of shape ``[B, 1]`` are taken as ``[B]``. With ``validate``, a loss that is not
+        finite although the inputs were raises a ``ValueError`` naming the class centers at fault.
         """
         labels = flat_labels(labels)
+        options = {"backend": self.backend, "memory_budget": self.memory_budget, "sparse_grad": self.sparse_grad,
+                   "interclass_filtering_threshold": self.interclass_filtering_threshold}
         if self.sharded:  # checks there: a rejection on one rank raises on all of them
-            return sharded_partial_fc_loss(
+            losses = sharded_partial_fc_loss(
                 embeddings, self.weight, labels, self.margin, self.class_start, self.num_classes,
                 sample_rate=self.sample_rate, generator=self._sampler() if self.sample_rate < 1.0 else None,
-                reduction=self.reduction, backend=self.backend, group=self.process_group,
-                embedding_grad_scale=float(self.world_size) if self.ddp_backbone else 1.0, validate=self.validate,
-                memory_budget=self.memory_budget, sparse_grad=self.sparse_grad,
-                interclass_filtering_threshold=self.interclass_filtering_threshold)
-        check_shapes(embeddings, labels, self.weight)
-        if self.validate and labels.numel() > 0:
-            check_values(embeddings, labels, self.num_classes)
-        labels = labels.long()
-        index = target_pos = None
-        if self.sample_rate < 1.0 and labels.numel() > 0:
-            index, target_pos = sample_centers(labels, self.num_classes, self.sample_rate, self._sampler())
-        return partial_fc_loss(embeddings, self.weight, labels, self.margin, index, target_pos,
-                               self.reduction, self.backend, validate=False,  # checked above
-                               memory_budget=self.memory_budget, sparse_grad=self.sparse_grad,
-                               interclass_filtering_threshold=self.interclass_filtering_threshold)
+                reduction="none", group=self.process_group, validate=self.validate,
+                embedding_grad_scale=float(self.world_size) if self.ddp_backbone else 1.0, **options)
+        else:
+            check_shapes(embeddings, labels, self.weight)
+            if self.validate and labels.numel() > 0:
+                check_values(embeddings, labels, self.num_classes)
+            labels = labels.long()
+            index = target_pos = None
+            if self.sample_rate < 1.0 and labels.numel() > 0:
+                index, target_pos = sample_centers(labels, self.num_classes, self.sample_rate, self._sampler())
+            losses = partial_fc_loss(embeddings, self.weight, labels, self.margin, index, target_pos, "none",
+                                     validate=False, **options)  # checked above
+        if self.validate and losses.numel() > 0 and not bool(torch.isfinite(losses).all()):
+            raise self._non_finite_loss_error(losses)
+        return reduce_loss(losses, self.reduction)
+
+    def _non_finite_loss_error(self, losses: torch.Tensor) -> ValueError:
+        """What made a loss non-finite when the embeddings and labels were checked: the centers
+        (their rows with NaN/Inf, on this rank's shard), or else the margin's arithmetic."""
+        rows = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+        bad = (~torch.isfinite(self.weight.detach()).all(dim=1)).nonzero().flatten() + self.class_start
+        if bad.numel() > 0:
+            shown = bad[:10].tolist()
+            return ValueError(f"the class centers (loss_fn.weight) contain NaN or Inf in the rows of classes "
+                              f"{shown}{' ...' if bad.numel() > 10 else ''} ({bad.numel()} rows); the loss of batch "
+                              f"rows {rows[:10]} is not finite. The centers diverged or were loaded so: restore "
+                              "them from a checkpoint")
+        return ValueError(f"the loss of batch rows {rows[:10]} is not finite although the embeddings, labels "
+                          f"and this rank's class centers are (margin {self.margin})")
 
     def _sampler(self) -> torch.Generator:
         """This rank's sampling generator on the weight's device, created (and restored) on first use."""

@@ -130,6 +130,19 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
     except (ValueError, RuntimeError) as error:
         results["bad_input"] = f"{type(error).__name__}: {error}"
 
+    # Ranks that differ in the embeddings' dtype or in the margin: every rank raises, naming it,
+    # instead of a gloo abort (dtype) or a silently mixed loss (margin).
+    start, stop = shard_bounds(NUM_CLASSES, world_size, rank)
+    x = p["x"][_rows(world_size, rank)].float()
+    shard = p["w"][start:stop].float()
+    for name, (x_rank, margin_rank) in {"dtype": (x.half() if rank == 1 else x, MARGIN),
+                                        "margin": (x, ArcFace(s=32.0, m=0.4) if rank == 1 else MARGIN)}.items():
+        try:
+            sharded_partial_fc_loss(x_rank, shard, p["labels"][_rows(world_size, rank)], margin_rank, start)
+            results[f"differ_{name}"] = "no error"
+        except ValueError as error:
+            results[f"differ_{name}"] = str(error)
+
     # Ranks may differ on whether their embeddings need a gradient; backward still completes.
     x = p["x"][_rows(world_size, rank)].float()
     if rank != 1:

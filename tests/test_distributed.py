@@ -141,6 +141,14 @@ def test_bad_input_on_one_rank_raises_everywhere(outcome):
                                          "there); no rank computed the loss")
 
 
+def test_ranks_that_differ_in_dtype_or_margin_all_raise_naming_it(outcome):
+    world_size, ranks = outcome
+    for rank in ranks:
+        assert "embeddings' dtype: rank 0 torch.float32, rank 1 torch.float16" in rank["differ_dtype"]
+        assert "margin: rank 0 ArcFace(s=16.0" in rank["differ_margin"]
+        assert "rank 1 ArcFace(s=32.0" in rank["differ_margin"]
+
+
 def test_ranks_may_differ_on_requires_grad(outcome):
     world_size, ranks = outcome
     p = problem(world_size)

@@ -204,3 +204,16 @@ def test_a_resume_trains_again_what_the_checkpoint_lacks_and_records_each_step_o
     metrics.write_text(metrics.read_text() + '{"step": 5, "lo')  # the crash cut a line short
     train(config, progress=False)
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, config.steps + 1))
+
+
+def test_an_unreadable_untrained_evaluation_is_rebuilt_on_resume(tmp_path):
+    """A crash can leave eval_untrained.json cut short: the resume evaluates the untrained network
+    again (it still has its initial weights before the checkpoint loads), instead of failing at the
+    end of the run."""
+    train(_config(tmp_path, steps=2), progress=False)
+    original = json.loads((tmp_path / "eval_untrained.json").read_text())
+    (tmp_path / "eval_untrained.json").write_text('{"model_id": "abc", "verif')
+    with pytest.warns(UserWarning, match="evaluating the untrained network again"):
+        results = train(_config(tmp_path, steps=2), progress=False)
+    assert results["untrained"] == original
+    assert json.loads((tmp_path / "eval_untrained.json").read_text()) == original

@@ -196,3 +196,16 @@ def test_embeddings_of_any_size_give_the_loss_of_their_direction(size):
     big_loss, big_grad = loss_and_grad((x * size).float())
     assert torch.allclose(big_loss, unit_loss, rtol=1e-5)
     assert torch.allclose(big_grad * size, unit_grad, rtol=1e-4, atol=1e-6 * unit_grad.abs().max())  # grad ~ 1/|x|
+
+
+@pytest.mark.parametrize("sample_rate", [1.0, 0.5])
+def test_nan_in_the_modules_own_centers_is_named(sample_rate):
+    loss_fn = PartialFCLoss(8, 40, sample_rate=sample_rate, seed=0)
+    labels = torch.tensor([3, 7, 7, 20])
+    with torch.no_grad():
+        loss_fn.weight[7, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"class centers \(loss_fn.weight\) contain NaN or Inf in the rows of "
+                                         r"classes \[7\]"):
+        loss_fn(torch.randn(4, 8), labels)
+    loss_fn.validate = False  # unchecked: the NaN goes through, as documented
+    assert not torch.isfinite(loss_fn(torch.randn(4, 8), labels))

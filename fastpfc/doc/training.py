@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -283,6 +284,14 @@ def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn,
     return step
 
 
+def _read_json(path: Path) -> dict | None:
+    """The content of a JSON file, or ``None`` when it is missing or unreadable (cut by a crash)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
 def _read_metrics(path: Path) -> list[dict]:
     """The records of ``metrics.jsonl``; lines cut short by a crash are left out."""
     if not path.exists():
@@ -373,6 +382,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         raise ValueError(f"some ranks find their checkpoint in {run} and others do not: a resume needs the "
                          "same number of processes as the run that saved it (and all its checkpoint-rank*.pt)")
     if some_have:
+        if lead and _read_json(untrained_path) is None:  # the network still has its initial weights here
+            warnings.warn(f"{untrained_path} is missing or unreadable: evaluating the untrained network again",
+                          stacklevel=2)
+            write_text_atomic(untrained_path, json.dumps(evaluate(embedder, config, device)))
         start = _load_checkpoint(checkpoint, config, student, loss_fn, optimizers, schedulers, world, device)
         if lead:
             _truncate_metrics(run / "metrics.jsonl", start)

@@ -14,7 +14,7 @@ from PIL import Image
 from fastpfc.doc.checkpoints import CheckpointError, read_checkpoint, rng_state, save_checkpoint, set_rng_state
 from fastpfc.doc.cli import main
 from fastpfc.doc.embedders import CheckpointEmbedder
-from fastpfc.doc.files import atomic_output
+from fastpfc.doc.files import atomic_output, content_digest
 from fastpfc.doc.model import DocumentEmbedder
 
 
@@ -36,7 +36,7 @@ def files(tmp_path_factory):
     model = DocumentEmbedder("lcnet_050", 16, 32, "ln+bn")
     config = {"backbone": "lcnet_050", "embedding_size": 16, "image_size": 32, "head_norm": "ln+bn"}
     good = root / "checkpoint.pt"
-    torch.save({"model": model.state_dict(), "config": config}, good)
+    save_checkpoint(good, {"model": model.state_dict(), "config": config})
     paths = {"good": good}
     paths["payload"] = root / "payload.pt"
     torch.save({"model": model.state_dict(), "config": config, "extra": _Payload(str(root / "pwned"))},
@@ -115,7 +115,7 @@ def test_a_wrong_registry_file_gets_one_line_and_status_2(files, kind, capsys):
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     torch.manual_seed(1), random.seed(2), np.random.seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state
-    torch.save({"model": {}, "rng": rng_state()}, tmp_path / "state.pt")
+    save_checkpoint(tmp_path / "state.pt", {"model": {}, "rng": rng_state()})
     expected = (torch.rand(3), random.random(), np.random.standard_normal(2))
     set_rng_state(read_checkpoint(tmp_path / "state.pt")["rng"])
     assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
@@ -129,7 +129,8 @@ def test_checkpoints_of_earlier_versions_still_load(tmp_path):
               "cuda": None}
     torch.save({"model": {}, "rng": legacy}, tmp_path / "old.pt")
     expected = np.random.standard_normal(2)
-    set_rng_state(read_checkpoint(tmp_path / "old.pt")["rng"])
+    with pytest.warns(UserWarning, match="has no digest .* not verified"):
+        set_rng_state(read_checkpoint(tmp_path / "old.pt")["rng"])
     assert np.array_equal(np.random.standard_normal(2), expected)
 
 
@@ -174,3 +175,25 @@ def test_a_full_disk_while_saving_a_registry_or_text_is_reported_the_same_way(tm
             raise OSError(errno.ENOSPC, "No space left on device")  # what numpy's write raises
     assert sorted(p.name for p in tmp_path.iterdir()) == ["reg.npz"]
     assert path.read_bytes() == b"the previous registry"
+
+
+def test_no_changed_byte_of_a_checkpoint_loads_silently(files, tmp_path):
+    """Single-byte changes at 40 seeded places of a real checkpoint: each copy is refused as
+    damaged, or loads with exactly the original content (a byte the format ignores)."""
+    original = files["good"].read_bytes()
+    expected = read_checkpoint(files["good"])
+    rng = random.Random(5)
+    refused = 0
+    for trial in range(40):
+        damaged = bytearray(original)
+        position = rng.randrange(len(damaged))
+        damaged[position] ^= 1 << rng.randrange(8)
+        path = tmp_path / f"damaged{trial}.pt"
+        path.write_bytes(bytes(damaged))
+        try:
+            state = read_checkpoint(path)
+        except CheckpointError:
+            refused += 1
+            continue
+        assert content_digest(state) == content_digest(expected), f"byte {position} changed the content silently"
+    assert refused >= 30  # almost every byte matters; most of the file is tensor data

@@ -214,3 +214,32 @@ def test_a_nan_threshold_is_refused(checkpoint, tmp_path, capsys):
         code, out, err = _run(capsys, "classify", "-m", checkpoint, "-r", registry, "--json", *option,
                               str(demo / "queries"))
         assert code == 2 and "must be a finite score" in err and out == ""
+
+
+def test_no_changed_byte_of_an_onnx_export_runs_silently(onnx_model, tmp_path):
+    """Single-bit changes at 20 seeded places of an export: each copy is refused (damaged, or not a
+    valid model), or gives exactly the original embeddings (a byte the format ignores)."""
+    import random
+
+    from fastpfc.doc.embedders import OnnxEmbedder
+
+    original = open(onnx_model, "rb").read()
+    reference = OnnxEmbedder(onnx_model)
+    images = torch.rand(2, 3, reference.image_size, reference.image_size, generator=torch.Generator().manual_seed(0))
+    expected = reference(images)
+    rng = random.Random(6)
+    refused = 0
+    for trial in range(20):
+        damaged = bytearray(original)
+        position = rng.randrange(len(damaged))
+        damaged[position] ^= 1 << rng.randrange(8)
+        path = tmp_path / f"damaged{trial}.onnx"
+        path.write_bytes(bytes(damaged))
+        try:
+            embedder = OnnxEmbedder(path)
+        except ValueError:
+            refused += 1
+            continue
+        assert torch.equal(embedder(images), expected), f"byte {position} changed the embeddings silently"
+        assert embedder.model_id == reference.model_id
+    assert refused >= 15

@@ -4,7 +4,9 @@ A checkpoint holds only tensors and plain data (numbers, strings, lists, dicts; 
 number generators' states included), so it is read with ``torch.load(weights_only=True)``: a
 file that holds anything else, such as a pickle crafted to run code when loaded, is refused
 before any of it executes. Files of the wrong kind (text, a registry ``.npz``, an ONNX model,
-empty, truncated, a folder) are named as such in the error.
+empty, truncated, a folder) are named as such in the error. Every checkpoint carries a digest of
+its content (``"digest"``), which loading verifies: a damaged file never loads with changed
+tensors.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .files import atomic_output
+from .files import atomic_output, content_digest
 
 #: Options that may differ when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = frozenset({"run_dir", "steps", "workers", "checkpoint_every", "compile", "channels_last",
@@ -64,6 +66,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write to a temporary file, then rename: a crash never leaves a half-written checkpoint.
     Under ``torch.distributed`` every rank has written its file before any replaces its previous one."""
+    state = {**state, "digest": content_digest(state)}
     with atomic_output(path, path.with_suffix(".tmp")) as partial:
         torch.save(state, partial)
         if dist.is_initialized():
@@ -124,6 +127,13 @@ def read_checkpoint(path: str | Path) -> dict:
             from None
     if not isinstance(state, dict) or "model" not in state:
         raise CheckpointError(f"{path} is a torch file but not a train.py checkpoint (no 'model' entry)")
+    digest = state.pop("digest", None)
+    if digest is None:
+        warnings.warn(f"{path} has no digest (written by an earlier version): its content is not verified",
+                      stacklevel=2)
+    elif digest != content_digest(state):
+        raise CheckpointError(f"{path} is damaged: its content does not match the digest written with it "
+                              "(a changed byte); restore it from a copy")
     return state
 
 

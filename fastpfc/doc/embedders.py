@@ -77,6 +77,31 @@ class CheckpointEmbedder:
         return self.model.embed(images.to(self.device)).cpu()
 
 
+def _onnx_digest(proto) -> str:
+    """A digest of an ONNX model's graph (its operators and weights) and its fastpfc metadata."""
+    digest = hashlib.blake2b(proto.graph.SerializeToString(), digest_size=20)
+    for entry in sorted(proto.metadata_props, key=lambda e: e.key):
+        if entry.key != _META_PREFIX + "digest":
+            digest.update(f"<{entry.key}={entry.value}>".encode())
+    return digest.hexdigest()
+
+
+def _verify_onnx(path: Path, meta: dict[str, str]) -> None:
+    """Refuse an export whose graph or metadata no longer match the digest written at export."""
+    try:
+        import onnx
+    except ImportError:
+        warnings.warn(f"the onnx package is not installed: {path} is run without verifying its digest",
+                      stacklevel=3)
+        return
+    if _META_PREFIX + "digest" not in meta:
+        warnings.warn(f"{path} has no digest (exported by an earlier version): its weights are not verified",
+                      stacklevel=3)
+    elif _onnx_digest(onnx.load(str(path))) != meta[_META_PREFIX + "digest"]:
+        raise ValueError(f"{path} is damaged: its weights or metadata do not match the digest written at export "
+                         "(a changed byte); export it again from the checkpoint")
+
+
 class OnnxEmbedder:
     """An ONNX export of :func:`export_onnx`, run with onnxruntime (CUDA when it has it)."""
 
@@ -101,6 +126,7 @@ class OnnxEmbedder:
         meta = self.session.get_modelmeta().custom_metadata_map
         if _META_PREFIX + "model_id" not in meta:
             raise ValueError(f"{path} was not exported by fastpfc (no {_META_PREFIX}model_id metadata)")
+        _verify_onnx(path, meta)
         self.model_id = meta[_META_PREFIX + "model_id"]
         self.image_size = int(meta[_META_PREFIX + "image_size"])
         self.dim = int(meta[_META_PREFIX + "dim"])
@@ -157,6 +183,9 @@ def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18,
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = _META_PREFIX + key, str(value)
+    digest = _onnx_digest(proto)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = _META_PREFIX + "digest", digest
     onnx.save(proto, str(partial))
     difference = None
     try:

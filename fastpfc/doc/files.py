@@ -4,11 +4,14 @@ in place, and a failed write leaves no partial file behind."""
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 #: What torch's zip writer says when a write comes up short (it does not raise an OSError).
 _SHORT_WRITE_MESSAGES = ("unexpected pos", "file write failed", "No space left")
@@ -43,3 +46,29 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     handle, partial = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     with atomic_output(path, Path(partial)), os.fdopen(handle, "w") as f:
         f.write(text)
+
+
+def content_digest(value) -> str:
+    """A digest of nested dicts, lists and tuples of tensors and plain values: every tensor's
+    dtype, shape and bytes, and every other value's ``repr``, in the containers' order. Equal for
+    equal content, whatever the device; changed by any changed byte of a tensor."""
+    digest = hashlib.blake2b(digest_size=20)
+
+    def visit(item) -> None:
+        if isinstance(item, dict):
+            for key, child in item.items():
+                digest.update(f"<{key!r}>".encode())
+                visit(child)
+        elif isinstance(item, list | tuple):
+            digest.update(f"[{len(item)}]".encode())
+            for child in item:
+                visit(child)
+        elif isinstance(item, torch.Tensor):
+            tensor = item.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{item.dtype}{tuple(item.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        else:
+            digest.update(repr(item).encode())
+
+    visit(value)
+    return digest.hexdigest()

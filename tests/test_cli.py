@@ -243,3 +243,35 @@ def test_no_changed_byte_of_an_onnx_export_runs_silently(onnx_model, tmp_path):
         assert torch.equal(embedder(images), expected), f"byte {position} changed the embeddings silently"
         assert embedder.model_id == reference.model_id
     assert refused >= 15
+
+
+def test_damaged_registries_and_eval_files_get_one_line_naming_the_file(checkpoint, tmp_path, capsys):
+    """A registry with a changed byte (10 seeded places), cut in half, or of other content, and an
+    eval.json beside the checkpoint that is cut, null or of another shape: each either gives the
+    clean answer or exit status 2 with one line that names the file (no traceback)."""
+    import random
+
+    demo, registry = tmp_path / "demo", tmp_path / "reg.npz"
+    write_demo(demo, num_types=2, captures=1)
+    assert _run(capsys, "register", "-m", checkpoint, "-r", str(registry), str(demo / "register"))[0] == 0
+    classify = ["classify", "-m", checkpoint, "--threshold", "0.5", str(demo / "queries")]
+    clean = _run(capsys, *classify, "-r", str(registry))
+    original, rng = registry.read_bytes(), random.Random(7)
+    damaged = [original[: len(original) // 2], b"not a registry" * 8]
+    for _ in range(10):
+        flipped = bytearray(original)
+        position = rng.randrange(len(flipped))
+        flipped[position] ^= 1 << rng.randrange(8)
+        damaged.append(bytes(flipped))
+    bad = tmp_path / "bad.npz"
+    for content in damaged:
+        bad.write_bytes(content)
+        code, out, err = _run(capsys, *classify, "-r", str(bad))
+        assert (code, out) == clean[:2] or (code == 2 and str(bad) in err and len(err.strip().splitlines()) == 1), err
+    copied = tmp_path / "run" / "checkpoint.pt"
+    copied.parent.mkdir()
+    shutil.copy(checkpoint, copied)
+    for content in ['{"trained": {', "null", '{"x": 1}', "\x00\x01"]:
+        (copied.parent / "eval.json").write_text(content)
+        code, _, err = _run(capsys, "classify", "-m", str(copied), "-r", str(registry), str(demo / "queries"))
+        assert code == 2 and "eval.json (beside the checkpoint) is damaged" in err and str(copied.parent) in err, err

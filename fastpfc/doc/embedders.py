@@ -43,13 +43,19 @@ def _operating_points(eval_json: Path, model_id: str) -> dict[float, float]:
     weights (its ``model_id``); ``{}`` otherwise."""
     if not eval_json.exists():
         return {}
-    trained = json.loads(eval_json.read_text())["trained"]
-    if trained.get("model_id") != model_id:
-        warnings.warn(f"{eval_json} evaluated other weights than the checkpoint beside it; its thresholds are not "
-                      "used (evaluate this checkpoint with `fastpfc-doc eval`, or pass --threshold)", stacklevel=3)
-        return {}
-    return {p["target_fpr"]: p["threshold"] for p in trained["verification"]["points"]
-            if p["reliable"] and math.isfinite(p["threshold"])}
+    try:
+        trained = json.loads(eval_json.read_text())["trained"]
+        if trained.get("model_id") != model_id:
+            warnings.warn(f"{eval_json} evaluated other weights than the checkpoint beside it; its thresholds are "
+                          "not used (evaluate this checkpoint with `fastpfc-doc eval`, or pass --threshold)",
+                          stacklevel=3)
+            return {}
+        return {float(p["target_fpr"]): float(p["threshold"]) for p in trained["verification"]["points"]
+                if p["reliable"] and math.isfinite(p["threshold"])}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{eval_json} (beside the checkpoint) is damaged or not a train.py eval.json "
+                         f"({type(error).__name__}: {error}); remove it, or evaluate the checkpoint again with "
+                         "`fastpfc-doc eval`") from None
 
 
 class CheckpointEmbedder:

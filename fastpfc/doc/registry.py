@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -307,18 +308,29 @@ class Registry:
         if not Path(path).is_file():
             raise FileNotFoundError(f"registry {path} does not exist")
         with _open_registry_file(path) as saved:
-            meta = json.loads(saved["meta"].tobytes())
+            try:  # np.load reads lazily: a damaged member (zip CRC) shows up here
+                arrays = {name: saved[name] for name in ("meta", "features", "ids", "index")}
+                meta = json.loads(arrays["meta"].tobytes())
+                meta["version"], meta["model_id"], meta["entries"]  # noqa: B018 - the keys every registry has
+            except (zipfile.BadZipFile, KeyError, ValueError, TypeError, EOFError, OSError,
+                    UnicodeDecodeError) as error:
+                raise ValueError(f"{path} is a damaged registry ({type(error).__name__}: {error}); register the "
+                                 "folder again") from None
             if meta["version"] != FORMAT_VERSION:
                 raise ValueError(f"{path} has registry format {meta['version']}, this fastpfc reads {FORMAT_VERSION}")
             if meta["model_id"] != embedder.model_id:
                 raise ValueError(f"{path} was built with model {meta['model_id']}, not with this model "
                                  f"({embedder.model_id}); register the folder again with this model")
             registry = cls(embedder, meta["index"])
-            registry.features, registry.ids = saved["features"], saved["ids"]
+            registry.features, registry.ids = arrays["features"], arrays["ids"]
             registry.entries = {i: Entry(**e) for i, e in zip(registry.ids.tolist(), meta["entries"], strict=True)}
             registry._next_id, registry._trained_on = meta["next_id"], meta["trained_on"]
-            if len(saved["index"]):
-                registry._index = faiss.deserialize_index(saved["index"])
+            if len(arrays["index"]):
+                try:
+                    registry._index = faiss.deserialize_index(arrays["index"])
+                except RuntimeError as error:
+                    raise ValueError(f"{path} holds a damaged index ({str(error).splitlines()[0]}); register the "
+                                     "folder again") from None
             else:
                 registry._rebuild()
         return registry

@@ -68,7 +68,8 @@ class PartialFCLoss(nn.Module):
             work at all.
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
         backend: ``'auto'`` (Triton for CUDA tensors, torch otherwise), ``'triton'`` or ``'torch'``.
-        validate: check label range and finite embeddings on every call (one host sync).
+        validate: check label range and finite embeddings on every call (one host sync), and that
+            the loss is finite (a second one), naming the centers with NaN/Inf if they are the cause.
         seed: seeds the initial centers and the sampling generator; ``None`` draws one from the
             global RNG (from rank 0's, when sharded). The generator state is part of
             ``state_dict()``, so a resumed run samples exactly what the uninterrupted run would have.

@@ -217,3 +217,47 @@ def test_an_unreadable_untrained_evaluation_is_rebuilt_on_resume(tmp_path):
         results = train(_config(tmp_path, steps=2), progress=False)
     assert results["untrained"] == original
     assert json.loads((tmp_path / "eval_untrained.json").read_text()) == original
+
+
+def test_a_sigkill_mid_run_then_resume_gives_the_uninterrupted_metrics_and_evaluation(tmp_path):
+    """train.py killed with SIGKILL after its step-3 checkpoint (a few steps past it), then run again:
+    metrics.jsonl holds each step once with the uninterrupted run's losses, and eval.json and the
+    final checkpoint's weights are the same."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "train.py"
+    options = ["--image-size", "48", "--embedding-size", "16", "--train-types", "10", "--per-type", "4",
+               "--eval-types", "4", "--eval-per-type", "2", "--batch-size", "8", "--warmup-steps", "1",
+               "--workers", "0", "--checkpoint-every", "3", "--steps", "40", "--sample-rate", "0.5"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def run(folder: Path) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(script), "--run-dir", str(folder), *options], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    uninterrupted, killed = tmp_path / "a", tmp_path / "b"
+    first = run(killed)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):  # past the step-3 checkpoint
+        assert first.poll() is None and time.monotonic() < deadline, first.stderr.read() if first.stderr else ""
+        time.sleep(0.05)
+    first.send_signal(signal.SIGKILL)
+    assert first.wait() == -signal.SIGKILL  # killed mid-run, not finished
+    assert (killed / "checkpoint.pt").exists() and not list(killed.glob("*.tmp"))
+    for folder in (killed, uninterrupted):
+        done = run(folder)
+        assert done.wait(timeout=600) == 0, done.stderr.read()
+
+    def losses(folder: Path) -> list[tuple[int, float]]:
+        return [(r["step"], r["loss"]) for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines())]
+
+    assert losses(killed) == losses(uninterrupted) and [s for s, _ in losses(killed)] == list(range(1, 41))
+    assert json.loads((killed / "eval.json").read_text()) == json.loads((uninterrupted / "eval.json").read_text())
+    a, b = (torch.load(f / "checkpoint.pt", weights_only=False) for f in (uninterrupted, killed))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])

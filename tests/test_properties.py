@@ -4,6 +4,7 @@ issue, kept as a regression test). Every case is reproducible from its seed."""
 
 from __future__ import annotations
 
+import functools
 import random
 
 import pytest
@@ -64,10 +65,11 @@ def _loss_and_grads(fn, x, w):
 def test_random_problems_match_the_float64_reference(backend, dtype, seeds, tolerance):
     for seed in seeds:
         x, w, labels, index, margin, options = _case(seed, backend)
-        expected = _loss_and_grads(lambda a, b: reference_partial_fc_loss(
-            a, b, labels.long(), margin, index, **options), x, w)
-        actual = _loss_and_grads(lambda a, b: partial_fc_loss(
-            a, b, labels, margin, index, backend=backend, **options), x.to(dtype), w.to(dtype))
+        expected = _loss_and_grads(functools.partial(
+            reference_partial_fc_loss, labels=labels.long(), margin=margin, index=index, **options), x, w)
+        actual = _loss_and_grads(functools.partial(
+            partial_fc_loss, labels=labels, margin=margin, index=index, backend=backend, **options),
+            x.to(dtype), w.to(dtype))
         for name, a, e in zip(("loss", "grad_x", "grad_w"), actual, expected, strict=True):
             assert torch.isfinite(a).all(), (seed, name)
             assert max_rel_error(a, e) < tolerance, (seed, name, margin, options, tuple(x.shape), w.shape[0])

@@ -64,6 +64,13 @@ def test_feature_cache_is_exact_reused_and_invalidated(tiny_clip, tmp_path, monk
     other = teacher_features(teacher, SyntheticDocuments(2, 2, size=48), path, {"model": TINY, "data": 2},
                              torch.device("cpu"), progress=False)
     assert other.shape == (4, 24)
+    small = SyntheticDocuments(2, 2, size=48)
+    for damage in (lambda: path.with_suffix(".json").write_text('{"model": '),  # a cut sidecar
+                   lambda: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])):  # a cut cache
+        damage()
+        rebuilt = teacher_features(teacher, small, path, {"model": TINY, "data": 2}, torch.device("cpu"),
+                                   progress=False)
+        assert np.array_equal(rebuilt, other)  # rebuilt, not an error
 
 
 def test_distillation_losses():

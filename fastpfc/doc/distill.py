@@ -73,6 +73,15 @@ def save_random_clip(name: str, vision: dict, dim: int, folder: Path, seed: int 
     return weights
 
 
+def _cache_matches(path: Path, sidecar: Path, identity: dict, rows: int) -> bool:
+    """Whether ``path`` holds the features ``identity`` describes: its sidecar says so and the file
+    reads as ``rows`` rows. A missing, cut or damaged cache or sidecar is rebuilt, not an error."""
+    try:
+        return json.loads(sidecar.read_text()) == identity and np.load(path, mmap_mode="r").shape[0] == rows
+    except (OSError, ValueError, UnicodeDecodeError):  # JSONDecodeError is a ValueError
+        return False
+
+
 def teacher_features(teacher: ClipTeacher, dataset, path: Path, identity: dict, device: torch.device,
                      batch_size: int = 64, workers: int = 0, progress: bool = True) -> np.ndarray:
     """The teacher's features of every item of ``dataset``, ``[len(dataset), T]`` float16, memory-mapped.
@@ -91,7 +100,7 @@ def teacher_features(teacher: ClipTeacher, dataset, path: Path, identity: dict, 
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     sidecar = path.with_suffix(".json")
-    valid = [path.exists() and sidecar.exists() and json.loads(sidecar.read_text()) == identity]
+    valid = [_cache_matches(path, sidecar, identity, len(dataset))]
     if world > 1:
         dist.broadcast_object_list(valid, src=0)  # one decision for all ranks
     if valid[0]:

@@ -64,3 +64,15 @@ def torchrun(script: str, *args: str, nproc: int = 2, cwd=None, attempts: int = 
         if done.returncode == 0 or GLOO_TEARDOWN_ABORT not in done.stderr:
             return done
     return done
+
+
+def flipped_copies(data: bytes, count: int, seed: int):
+    """``count`` copies of ``data``, each with one bit flipped at a seeded place: ``(position, copy)``."""
+    import random
+
+    rng = random.Random(seed)
+    for _ in range(count):
+        damaged = bytearray(data)
+        position = rng.randrange(len(damaged))
+        damaged[position] ^= 1 << rng.randrange(8)
+        yield position, bytes(damaged)

@@ -17,6 +17,8 @@ from fastpfc.doc.embedders import CheckpointEmbedder
 from fastpfc.doc.files import atomic_output, content_digest
 from fastpfc.doc.model import DocumentEmbedder
 
+from helpers import flipped_copies
+
 
 class _Payload:
     """Unpickling this runs ``os.mkdir(marker)``: what a crafted checkpoint could do."""
@@ -182,14 +184,10 @@ def test_no_changed_byte_of_a_checkpoint_loads_silently(files, tmp_path):
     damaged, or loads with exactly the original content (a byte the format ignores)."""
     original = files["good"].read_bytes()
     expected = read_checkpoint(files["good"])
-    rng = random.Random(5)
     refused = 0
-    for trial in range(40):
-        damaged = bytearray(original)
-        position = rng.randrange(len(damaged))
-        damaged[position] ^= 1 << rng.randrange(8)
+    for trial, (position, damaged) in enumerate(flipped_copies(original, 40, seed=5)):
         path = tmp_path / f"damaged{trial}.pt"
-        path.write_bytes(bytes(damaged))
+        path.write_bytes(damaged)
         try:
             state = read_checkpoint(path)
         except CheckpointError:

@@ -17,6 +17,8 @@ from fastpfc.doc.demo import GENERATION_SUB_LABEL, write_demo  # noqa: E402
 from fastpfc.doc.embedders import CheckpointEmbedder, export_onnx  # noqa: E402
 from fastpfc.doc.training import TrainConfig, train  # noqa: E402
 
+from helpers import flipped_copies  # noqa: E402
+
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
@@ -219,22 +221,16 @@ def test_a_nan_threshold_is_refused(checkpoint, tmp_path, capsys):
 def test_no_changed_byte_of_an_onnx_export_runs_silently(onnx_model, tmp_path):
     """Single-bit changes at 20 seeded places of an export: each copy is refused (damaged, or not a
     valid model), or gives exactly the original embeddings (a byte the format ignores)."""
-    import random
-
     from fastpfc.doc.embedders import OnnxEmbedder
 
     original = open(onnx_model, "rb").read()
     reference = OnnxEmbedder(onnx_model)
     images = torch.rand(2, 3, reference.image_size, reference.image_size, generator=torch.Generator().manual_seed(0))
     expected = reference(images)
-    rng = random.Random(6)
     refused = 0
-    for trial in range(20):
-        damaged = bytearray(original)
-        position = rng.randrange(len(damaged))
-        damaged[position] ^= 1 << rng.randrange(8)
+    for trial, (position, damaged) in enumerate(flipped_copies(original, 20, seed=6)):
         path = tmp_path / f"damaged{trial}.onnx"
-        path.write_bytes(bytes(damaged))
+        path.write_bytes(damaged)
         try:
             embedder = OnnxEmbedder(path)
         except ValueError:
@@ -249,20 +245,14 @@ def test_damaged_registries_and_eval_files_get_one_line_naming_the_file(checkpoi
     """A registry with a changed byte (10 seeded places), cut in half, or of other content, and an
     eval.json beside the checkpoint that is cut, null or of another shape: each either gives the
     clean answer or exit status 2 with one line that names the file (no traceback)."""
-    import random
-
     demo, registry = tmp_path / "demo", tmp_path / "reg.npz"
     write_demo(demo, num_types=2, captures=1)
     assert _run(capsys, "register", "-m", checkpoint, "-r", str(registry), str(demo / "register"))[0] == 0
     classify = ["classify", "-m", checkpoint, "--threshold", "0.5", str(demo / "queries")]
     clean = _run(capsys, *classify, "-r", str(registry))
-    original, rng = registry.read_bytes(), random.Random(7)
+    original = registry.read_bytes()
     damaged = [original[: len(original) // 2], b"not a registry" * 8]
-    for _ in range(10):
-        flipped = bytearray(original)
-        position = rng.randrange(len(flipped))
-        flipped[position] ^= 1 << rng.randrange(8)
-        damaged.append(bytes(flipped))
+    damaged += [copy for _, copy in flipped_copies(original, 10, seed=7)]
     bad = tmp_path / "bad.npz"
     for content in damaged:
         bad.write_bytes(content)

@@ -76,3 +76,15 @@ def flipped_copies(data: bytes, count: int, seed: int):
         position = rng.randrange(len(damaged))
         damaged[position] ^= 1 << rng.randrange(8)
         yield position, bytes(damaged)
+
+
+def load_flipped(original: bytes, folder, suffix: str, load, refusal: type, count: int, seed: int):
+    """Write each of :func:`flipped_copies` to ``folder`` and ``load`` it: ``(position, loaded)``,
+    with ``loaded`` ``None`` where ``load`` refused the file with a ``refusal`` error."""
+    for trial, (position, damaged) in enumerate(flipped_copies(original, count, seed)):
+        path = folder / f"damaged{trial}{suffix}"
+        path.write_bytes(damaged)
+        try:
+            yield position, load(path)
+        except refusal:
+            yield position, None

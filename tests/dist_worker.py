@@ -12,6 +12,7 @@ import os
 import torch
 import torch.distributed as dist
 
+import fastpfc.distributed as distributed
 from fastpfc import ArcFace, PartialFCLoss
 from fastpfc.distributed import (
     full_optimizer_state_dict,
@@ -129,6 +130,20 @@ def run(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
         results["bad_input"] = "no error"
     except (ValueError, RuntimeError) as error:
         results["bad_input"] = f"{type(error).__name__}: {error}"
+
+    # Any exception in one rank's input check, of any type (uint16 labels once raised
+    # NotImplementedError, which escaped the check), reaches every rank instead of a hang.
+    real_check = distributed.check_values
+    if rank == 1:
+        def unsupported(*args, **kwargs):
+            raise NotImplementedError("labels of an unsupported kind")
+        distributed.check_values = unsupported
+    try:
+        module(p["x"][_rows(world_size, rank)].float(), p["labels"][_rows(world_size, rank)])
+        results["odd_error"] = "no error"
+    except (NotImplementedError, RuntimeError) as error:
+        results["odd_error"] = f"{type(error).__name__}: {error}"
+    distributed.check_values = real_check
 
     # Ranks that differ in the embeddings' dtype or in the margin: every rank raises, naming it,
     # instead of a gloo abort (dtype) or a silently mixed loss (margin).

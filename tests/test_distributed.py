@@ -141,6 +141,13 @@ def test_bad_input_on_one_rank_raises_everywhere(outcome):
                                          "there); no rank computed the loss")
 
 
+def test_an_exception_of_any_type_in_one_ranks_check_reaches_every_rank(outcome):
+    _, ranks = outcome
+    assert ranks[1]["odd_error"] == "NotImplementedError: labels of an unsupported kind"
+    for rank in ranks[:1] + ranks[2:]:
+        assert rank["odd_error"].startswith("RuntimeError: rank(s) [1] rejected their inputs")
+
+
 def test_ranks_that_differ_in_dtype_or_margin_all_raise_naming_it(outcome):
     world_size, ranks = outcome
     for rank in ranks:

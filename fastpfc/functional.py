@@ -6,7 +6,7 @@ A backend is a module with three functions (see ``torch_backend`` and ``triton_b
 * ``forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, memory_budget,
   filter_threshold)`` -> ``(lse, saved)``, where ``memory_budget`` is the bytes the backend may
   keep for the backward and ``filter_threshold`` (``None``: off) the inter-class filter: a
-  non-target cosine above it counts as 0, with no gradient;
+  non-target cosine above it counts as 0, with no gradient (the budget is then 0);
 * ``backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, grad_target_cos, scale,
   need_x, need_weight, weight_rows, filter_threshold)`` -> ``(grad of x / ||x||, grad of weight)``,
   either ``None`` when not needed; with ``weight_rows`` the latter is only the used rows,
@@ -163,7 +163,9 @@ def margin_softmax(
     check_memory_budget(memory_budget)
     check_filter_threshold(interclass_filtering_threshold)
     module = importlib.import_module(BACKENDS[resolve_backend(backend, embeddings.device)])
-    options = StepOptions(memory_budget, sparse_grad, interclass_filtering_threshold or None)
+    # With filtering nothing is stored: a stored numerator cannot tell the backward it was filtered.
+    filtering = interclass_filtering_threshold > 0
+    options = StepOptions(0 if filtering else memory_budget, sparse_grad, interclass_filtering_threshold or None)
     return MarginSoftmax.apply(embeddings, weight, index, target_pos, margin, module, options)
 
 

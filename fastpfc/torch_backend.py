@@ -45,14 +45,13 @@ def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, m
     """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`).
 
     ``saved`` holds, for the first blocks that fit in ``memory_budget`` bytes, their softmax
-    numerators [B, chunk] and row maxima [B, 1], in pairs (none with inter-class filtering, whose
-    backward needs the cosines).
+    numerators [B, chunk] and row maxima [B, 1], in pairs.
     """
     x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
     num_cols = weight.shape[0] if index is None else index.shape[0]
     starts, chunk = chunk_bounds(x.shape[0], num_cols, x.device)
     lse = torch.full((x.shape[0],), float("-inf"), dtype=x_unit.dtype, device=x.device)
-    saved, budget_left = [], memory_budget if filter_threshold is None else 0
+    saved, budget_left = [], memory_budget
     for start in starts:
         w_unit, _ = _unit_centers(weight, index, start, start + chunk, x_unit.dtype)
         logits = _filtered(x_unit @ w_unit.T, filter_threshold).mul_(scale)

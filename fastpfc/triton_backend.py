@@ -79,15 +79,13 @@ def forward_lse(x, weight, index, x_inv_norm, target_pos, target_logit, scale, m
     """Row LSE of the margin logits (contract of :class:`fastpfc.functional.MarginSoftmax`).
 
     ``saved`` is the unit embeddings, the unit centers and their inverse norms, then the stored
-    numerators [B, tiles * BLOCK_C] and tile maxima [B, tiles], if any (none with inter-class
-    filtering: the backward could not tell a filtered numerator from a kept one).
+    numerators [B, tiles * BLOCK_C] and tile maxima [B, tiles], if any.
     """
     config = default_config(x.device, x.dtype)
     x_unit = _unit_embeddings(x, x_inv_norm)
     w_unit, w_inv_norm = unit_rows(weight, index, x.dtype)
     dtype = _numerators_dtype(x)
-    tiles = 0 if filter_threshold is not None else _stored_tiles(memory_budget, x.shape[0], w_unit.shape[0],
-                                                                  config.block_c, dtype)
+    tiles = _stored_tiles(memory_budget, x.shape[0], w_unit.shape[0], config.block_c, dtype)
     kept = ()
     if tiles > 0:
         kept = (torch.empty(x.shape[0], tiles * config.block_c, dtype=dtype, device=x.device),

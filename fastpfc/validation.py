@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 _EMBEDDING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -29,7 +31,7 @@ def check_constructor_arguments(embedding_size, num_classes, margin, sample_rate
             "ArcFace(s, m, straight_through=True) and (1, 0, m) as CosFace(s, m) (docs/insightface.md); fp16 "
             "follows the embeddings' dtype")
     for name, value in (("embedding_size", embedding_size), ("num_classes", num_classes)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # NumPy integers are fine
             raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if margin is not None and not isinstance(margin, Margin):
         raise TypeError(
@@ -38,7 +40,7 @@ def check_constructor_arguments(embedding_size, num_classes, margin, sample_rate
             "CombinedMarginLoss) cannot run inside the fused kernels, which never build that matrix. "
             "insightface's margin_list (1, m, 0) is ArcFace(s, m, straight_through=True), (1, 0, m) is "
             "CosFace(s, m) (docs/insightface.md)")
-    if isinstance(sample_rate, bool) or not isinstance(sample_rate, int | float):
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, numbers.Real):
         raise TypeError(f"sample_rate must be a number in (0, 1], got {type(sample_rate).__name__} {sample_rate!r}")
 
 

@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -182,6 +183,7 @@ def test_insightface_style_calls_say_what_to_write():
         PartialFCLoss(64.0, 2000)
     with pytest.raises(TypeError, match="sample_rate must be a number"):
         PartialFCLoss(64, 2000, sample_rate="0.3")
+    assert PartialFCLoss(np.int64(8), np.int32(20), sample_rate=np.float32(0.5)).num_classes == 20  # NumPy scalars
 
 
 def test_labels_of_shape_b_by_1_are_taken_as_b():

@@ -37,13 +37,17 @@ def centers(weight: torch.Tensor, index: torch.Tensor | None, start: int, stop: 
     return weight[start:stop] if index is None else weight[index[start:stop]]
 
 
-def center_grad_buffer(weight: torch.Tensor, num_cols: int, as_rows: bool) -> torch.Tensor:
-    """Where the backward writes the centers' gradient: ``[num_cols, D]``, one row per sampled
-    class in sampling order (every row gets written), when ``as_rows``; else zeros like ``weight``
-    (the rows not sampled stay zero)."""
+def center_grad_buffer(weight: torch.Tensor, index: torch.Tensor | None, num_cols: int,
+                       as_rows: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Where the backward writes the centers' gradient, and the rows to write it at.
+
+    With ``as_rows``: ``[num_cols, D]``, one row per sampled class in sampling order (every row
+    gets written), written at positions (``None``). Otherwise zeros like ``weight`` (the rows not
+    sampled stay zero), written at the rows ``index``.
+    """
     if as_rows:
-        return weight.new_empty(num_cols, weight.shape[1])
-    return torch.zeros_like(weight)
+        return weight.new_empty(num_cols, weight.shape[1]), None
+    return torch.zeros_like(weight), index
 
 
 def scatter_target(block: torch.Tensor, target_pos: torch.Tensor, start: int, value: torch.Tensor) -> None:

@@ -74,8 +74,7 @@ def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, gra
     x_unit = x.to(x_inv_norm.dtype) * x_inv_norm[:, None]
     num_cols = weight.shape[0] if index is None else index.shape[0]
     grad_unit_x = torch.zeros_like(x_unit) if need_x else None
-    grad_weight = center_grad_buffer(weight, num_cols, weight_rows) if need_weight else None
-    write_index = None if weight_rows else index
+    grad_weight, write_index = center_grad_buffer(weight, index, num_cols, weight_rows) if need_weight else (None, None)
     starts, chunk = chunk_bounds(x.shape[0], num_cols, x.device)
     for block, start in enumerate(starts):
         w_unit, w_inv_norm = _unit_centers(weight, index, start, start + chunk, x_unit.dtype)

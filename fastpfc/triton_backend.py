@@ -103,8 +103,7 @@ def backward(x, weight, index, x_inv_norm, saved, target_pos, lse, grad_lse, gra
     grad_lse, grad_target_cos = grad_lse.float().contiguous(), grad_target_cos.float().contiguous()
     num_cols, block_c = w_unit.shape[0], config.block_c
     grad_unit_x = torch.zeros(x.shape, dtype=torch.float32, device=x.device) if need_x else None
-    grad_weight = center_grad_buffer(weight, num_cols, weight_rows) if need_weight else None
-    write_index = None if weight_rows else index
+    grad_weight, write_index = center_grad_buffer(weight, index, num_cols, weight_rows) if need_weight else (None, None)
     gemm_dtype = _gemm_dtype(x)
     x_gemm = x_unit.to(gemm_dtype)
     stored = min(kept[0].shape[1], num_cols) if kept else 0

@@ -13,6 +13,7 @@ import dataclasses
 
 import torch.distributed as dist
 
+from fastpfc.doc.evaluation import summary_table
 from fastpfc.doc.training import TrainConfig, train
 
 
@@ -36,14 +37,8 @@ def main() -> None:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    for name, result in results.items():
-        point = result["verification"]["points"][1]
-        registration = result["registration"]
-        caveat = "" if point["reliable"] else ", too few to measure 1e-4: not a result"
-        print(f"{name:>9}: TPR@FPR=1e-4 {point['tpr']:.3f} (threshold {point['threshold']:.3f}, "
-              f"{result['verification']['num_impostor']} impostor pairs{caveat}) | registration accuracy "
-              f"{registration['accuracy']:.3f}, unregistered types rejected {registration['rejection_rate']:.3f}")
     if results:  # rank 0
+        print(summary_table(results, "unseen synthetic" if config.eval_data is None else config.eval_data))
         print(f"results in {config.run_dir}/: eval.json (the numbers above), checkpoint.pt (for fastpfc-doc -m; "
               "running again resumes), metrics.jsonl and loss.png (loss and learning rate per step), roc.png")
 

@@ -27,9 +27,9 @@ def checkpoint(tmp_path_factory) -> str:
     image then gets nearly the same embedding (median pairwise cosine 0.9998 after these 30 steps,
     -0.43 once recalibrated), which would leave nothing for the tests to tell apart."""
     run = tmp_path_factory.mktemp("run")
-    train(TrainConfig(run_dir=str(run), image_size=32, embedding_size=16, train_types=8, per_type=2, eval_types=6,
-                      eval_per_type=3, steps=30, lr=1.5e-2, batch_size=8, warmup_steps=1, workers=0,
-                      precise_bn_batches=4), progress=False)
+    train(TrainConfig(run_dir=str(run), image_size=32, embedding_size=16, synthetic="documents", train_types=8,
+                      per_type=2, eval_types=6, eval_per_type=3, real_captures=0, steps=30, lr=1.5e-2, batch_size=8,
+                      warmup_steps=1, workers=0, precise_bn_batches=4), progress=False)
     return str(run / "checkpoint.pt")
 
 
@@ -113,8 +113,18 @@ def test_export_and_onnx_model_share_the_registry(checkpoint, onnx_model, tmp_pa
                 assert exported["type"] == ours["type"], (ours, exported)
                 decided += 1
     assert decided >= len(by_model[checkpoint]) // 2, f"only {decided} queries had a clear answer"
-    code, out, _ = _run(capsys, "eval", "-m", onnx_model, str(demo / "queries"))
-    assert code == 0 and json.loads(out)["verification"]["num_genuine"] == 4
+    code, out, _ = _run(capsys, "eval", "-m", onnx_model, "--json", str(demo / "queries"))
+    report = json.loads(out)
+    assert code == 0 and set(report) == {"model", "raw_pixels", "colour_thumbnail", "colour_histogram"}
+    assert all(result["verification"]["num_genuine"] == 4 for result in report.values())
+
+
+def test_eval_without_a_folder_runs_the_real_image_check_beside_the_baselines(checkpoint, capsys):
+    pytest.importorskip("skimage")
+    code, out, _ = _run(capsys, "eval", "-m", checkpoint, "--captures", "2")
+    lines = out.splitlines()
+    assert code == 0 and "real images" in lines[0] and "top-1" in lines[1]
+    assert [line.split()[0] for line in lines[2:]] == ["model", "raw_pixels", "colour_thumbnail", "colour_histogram"]
 
 
 def test_onnx_export_matches_pytorch_at_any_batch(checkpoint, onnx_model, tmp_path, monkeypatch):

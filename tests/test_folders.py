@@ -59,7 +59,8 @@ def test_training_on_folders(tmp_path):
     train_root = _tree(tmp_path / "train", classes=6, per_class=2)
     eval_root = _tree(tmp_path / "eval", classes=4, per_class=3, type_offset=100)
     config = TrainConfig(run_dir=str(tmp_path / "run"), data=str(train_root), eval_data=str(eval_root),
-                         image_size=64, embedding_size=16, steps=3, batch_size=4, warmup_steps=1, workers=0)
+                         image_size=64, embedding_size=16, steps=3, batch_size=4, warmup_steps=1, workers=0,
+                         real_captures=0)
     results = train(config, progress=False)
     assert results["trained"]["verification"]["num_genuine"] == 4 * 3
     assert results["trained"]["registration"]["num_registered_queries"] == 2 * 3 - 2  # not the registered images

@@ -8,14 +8,15 @@ import torch
 pytest.importorskip("timm")
 
 import fastpfc.doc.training as training  # noqa: E402
+from fastpfc.doc.baselines import BASELINES  # noqa: E402
 from fastpfc.doc.model import DocumentEmbedder  # noqa: E402
 from fastpfc.doc.training import TrainConfig, train  # noqa: E402
 
 
 def _config(tmp_path, **overrides) -> TrainConfig:
-    settings = dict(run_dir=str(tmp_path), image_size=64, embedding_size=32, train_types=12, per_type=4,
-                    eval_types=6, eval_per_type=3, steps=6, batch_size=16, warmup_steps=2, workers=0,
-                    checkpoint_every=3, scale=16.0, margin_m=0.2)
+    settings = dict(run_dir=str(tmp_path), image_size=64, embedding_size=32, synthetic="documents", train_types=12,
+                    per_type=4, eval_types=6, eval_per_type=3, real_captures=0, steps=6, batch_size=16,
+                    warmup_steps=2, workers=0, checkpoint_every=3, scale=16.0, margin_m=0.2)
     return TrainConfig(**(settings | overrides))
 
 
@@ -144,11 +145,11 @@ def test_torchrun_trains_with_ddp_and_sharded_centers_and_resumes(tmp_path):
     script = Path(__file__).resolve().parent.parent / "train.py"
     options = ["--run-dir", str(tmp_path), "--image-size", "48", "--embedding-size", "16", "--train-types", "10",
                "--per-type", "4", "--eval-types", "4", "--eval-per-type", "2", "--batch-size", "8",
-               "--warmup-steps", "1", "--workers", "0", "--checkpoint-every", "2"]
+               "--warmup-steps", "1", "--workers", "0", "--checkpoint-every", "2", "--real-captures", "0"]
     for steps in (3, 5):
         done = torchrun(str(script), *options, "--steps", str(steps))
         assert done.returncode == 0, done.stderr[-3000:]
-        assert "TPR@FPR=1e-4" in done.stdout
+        assert "TPR@1e-4" in done.stdout and "colour_thumbnail" in done.stdout
         ranks = [torch.load(tmp_path / f"checkpoint-rank{r}.pt", weights_only=False) for r in range(2)]
         assert [r["step"] for r in ranks] == [steps, steps]
         assert [r["loss"]["weight"].shape[0] for r in ranks] == [5, 5]  # 10 classes sharded over 2 ranks
@@ -180,6 +181,10 @@ def test_recalibrate_batchnorm_sets_the_plain_average_over_the_batches():
     ("checkpoint_every", 0, "--checkpoint-every must be an integer >= 1"), ("batch_size", 0, "--batch-size must be"),
     ("sample_rate", 0.0, r"--sample-rate must be in \(0, 1\]"), ("lr", float("nan"), "--lr must be a finite"),
     ("schedule", "linear", "--schedule must be cosine or poly"), ("steps", -1, "--steps must be"),
+    ("views", 3, r"--views \(3\) must divide --per-type \(4\) and --batch-size \(16\)"),
+    ("synthetic", "photos", "--synthetic must be one of documents, fractals, cards, mix"),
+    ("center_optimizer", "lion", "--center-optimizer must be one of adamw, sgd"),
+    ("real_captures", 1, "--real-captures must be 0 or an integer >= 2"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, option, value, says):
     with pytest.raises(ValueError, match=says):
@@ -187,9 +192,28 @@ def test_bad_options_fail_before_any_work(tmp_path, option, value, says):
     assert not (tmp_path / "run").exists()
 
 
+def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_baselines(tmp_path):
+    """The formula-driven source (each image a class, two views side by side, SGD centers) trains,
+    and every embedder, the baselines included, is scored on both evaluations."""
+    from fastpfc.doc.real_images import real_templates
+
+    config = _config(tmp_path, synthetic="mix", train_types=40, per_type=2, views=2, steps=3, real_captures=2,
+                     center_optimizer="sgd", center_lr=0.1)
+    results = train(config, progress=False)
+    assert set(results) == {"untrained", "trained", *BASELINES}
+    for name, result in results.items():
+        real = result["real_images"]["registration"]
+        assert real["num_registered_queries"] == 2 * len(real_templates()) and real["rejection_rate"] is None, name
+        assert result["verification"]["num_genuine"] == 6 * 3, name  # the synthetic evaluation: 6 types x 3
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["colour_thumbnail"]["real_images"]["registration"] == \
+        results["colour_thumbnail"]["real_images"]["registration"]
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["loss"]["weight"].shape == (40, 32)
+
+
 def test_zero_steps_evaluates_and_writes_every_file(tmp_path):
     results = train(_config(tmp_path, steps=0), progress=False)
-    assert set(results) == {"untrained", "trained"}
+    assert set(results) == {"untrained", "trained", *BASELINES}
     assert all((tmp_path / name).exists() for name in ("eval.json", "checkpoint.pt", "loss.png", "roc.png"))
 
 
@@ -235,7 +259,8 @@ def test_a_sigkill_mid_run_then_resume_gives_the_uninterrupted_metrics_and_evalu
     script = Path(__file__).resolve().parent.parent / "train.py"
     options = ["--image-size", "48", "--embedding-size", "16", "--train-types", "10", "--per-type", "4",
                "--eval-types", "4", "--eval-per-type", "2", "--batch-size", "8", "--warmup-steps", "1",
-               "--workers", "0", "--checkpoint-every", "3", "--steps", "40", "--sample-rate", "0.5"]
+               "--workers", "0", "--checkpoint-every", "3", "--steps", "40", "--sample-rate", "0.5",
+               "--real-captures", "0"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
 
     def run(folder: Path) -> subprocess.Popen:
@@ -263,3 +288,22 @@ def test_a_sigkill_mid_run_then_resume_gives_the_uninterrupted_metrics_and_evalu
     assert json.loads((killed / "eval.json").read_text()) == json.loads((uninterrupted / "eval.json").read_text())
     a, b = (torch.load(f / "checkpoint.pt", weights_only=False) for f in (uninterrupted, killed))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_prototype_centers_are_the_unit_mean_of_each_class_in_the_batch():
+    """``--center-optimizer prototype``: the batch's classes get the unit mean of their unit
+    embeddings (float64 reference), every other center is left bitwise as it was."""
+    from fastpfc import PartialFCLoss
+
+    loss_fn = PartialFCLoss(5, 11, seed=3)
+    before = loss_fn.weight.detach().clone()
+    embeddings = torch.randn(7, 5, generator=torch.Generator().manual_seed(4)) * 3
+    labels = torch.tensor([2, 9, 2, 4, 9, 9, 0])
+    training.set_prototypes(loss_fn, embeddings, labels, world=1)
+    unit = torch.nn.functional.normalize(embeddings.double(), dim=1)
+    for c in range(11):
+        if c in labels:
+            expected = torch.nn.functional.normalize(unit[labels == c].mean(0), dim=0)
+            torch.testing.assert_close(loss_fn.weight[c].double(), expected, atol=1e-6, rtol=0)
+        else:
+            assert torch.equal(loss_fn.weight[c], before[c])

@@ -6,6 +6,7 @@
     fastpfc-doc register -m runs/default/checkpoint.pt -r reg.npz demo/new   # a new type, no retraining
     fastpfc-doc export -m runs/default/checkpoint.pt -o model.onnx
     fastpfc-doc eval -m model.onnx some/folder/of/class/sub-folders
+    fastpfc-doc eval -m runs/default/checkpoint.pt                     # the bundled real-image check
 
 ``--model`` is a ``train.py`` checkpoint (its run's eval.json gives the ``--fpr`` thresholds) or an
 exported ``.onnx`` file; a registry remembers which model built it and refuses any other.
@@ -18,10 +19,12 @@ import json
 import sys
 from pathlib import Path
 
+from .baselines import BASELINES
 from .demo import write_demo
 from .embedders import CheckpointEmbedder, embed_paths, export_onnx, load_embedder
-from .evaluation import evaluate_embedder, registration_split
+from .evaluation import evaluate_embedders, registration_split, summary_table
 from .folders import ImageFolderDataset, list_images
+from .real_images import real_image_check
 from .registry import INDEXES, UNKNOWN, Match, Registry, label_of, labelled_images, layout_warning
 
 
@@ -163,11 +166,21 @@ def export(args) -> int:
 
 
 def evaluate(args) -> int:
+    if args.captures < 2:
+        raise ValueError(f"--captures must be at least 2 (pairs of one template are needed), got {args.captures}")
     embedder = load_embedder(args.model)
-    data = ImageFolderDataset(args.folder, "subfolders", embedder.image_size)
-    result = evaluate_embedder(embedder, *registration_split(data))
-    del result["roc"]
-    print(json.dumps(result, indent=2))
+    if args.folder is None:
+        data = real_image_check(embedder.image_size, args.captures)
+        title = f"real images ({len(data[2])} templates x {args.captures} photographs)"
+    else:
+        data = registration_split(ImageFolderDataset(args.folder, "subfolders", embedder.image_size))
+        title = args.folder
+    results = evaluate_embedders({"model": embedder, **BASELINES}, *data)
+    if args.json:
+        print(json.dumps({name: {k: v for k, v in result.items() if k != "roc"} for name, result in results.items()},
+                         indent=2))
+    else:
+        print(summary_table(results, title))
     return 0
 
 
@@ -218,9 +231,12 @@ def parser() -> argparse.ArgumentParser:
                   registry=False)
     sub.add_argument("-o", "--output", required=True)
     sub.add_argument("--opset", type=int, default=18)
-    sub = command("eval", evaluate, "TPR@FPR and registration accuracy on a folder of class sub-folders",
-                  registry=False)
-    sub.add_argument("folder")
+    sub = command("eval", evaluate, "TPR@FPR and registration accuracy on a folder of class sub-folders (or, "
+                  "without one, on the bundled real-image check), beside the baselines", registry=False)
+    sub.add_argument("folder", nargs="?", help="<folder>/<class>/image; the first image of each of the first half "
+                                               "of the classes is registered")
+    sub.add_argument("--captures", type=int, default=8, help="without a folder: photographs per real template")
+    sub.add_argument("--json", action="store_true", help="JSON output (without the ROC curves)")
     sub = command("synth", synth, "write synthetic register/, new/ and queries/ folders", registry=False)
     sub.add_argument("output")
     sub.add_argument("--types", type=int, default=100)

@@ -115,8 +115,9 @@ def registration_accuracy(
 
     Returns:
         ``accuracy``: share of registered-type queries whose nearest example has their label and
-        scores above the threshold; ``rejection_rate``: share of unregistered-type queries
-        rejected; and the two counts.
+        scores above the threshold; ``top1``: share whose nearest example has their label, whatever
+        its score; ``rejection_rate``: share of unregistered-type queries rejected (``None``
+        without such queries); and the two counts.
     """
     best_scores, best_labels = [], []
     for start in range(0, queries.shape[0], block):
@@ -127,10 +128,12 @@ def registration_accuracy(
     best_score, best_label = torch.cat(best_scores), torch.cat(best_labels)
     registered = torch.isin(query_labels, gallery_labels)
     accepted = best_score > threshold
-    correct = accepted & (best_label == query_labels)
+    nearest_right = best_label == query_labels
+    correct = accepted & nearest_right
     return {
-        "accuracy": float(correct[registered].float().mean()) if registered.any() else float("nan"),
-        "rejection_rate": float((~accepted[~registered]).float().mean()) if (~registered).any() else float("nan"),
+        "accuracy": float(correct[registered].float().mean()) if registered.any() else None,
+        "top1": float(nearest_right[registered].float().mean()) if registered.any() else None,
+        "rejection_rate": float((~accepted[~registered]).float().mean()) if (~registered).any() else None,
         "num_registered_queries": int(registered.sum()),
         "num_unregistered_queries": int((~registered).sum()),
     }
@@ -139,7 +142,7 @@ def registration_accuracy(
 def registration_split(queries) -> tuple:
     """(queries, gallery, registered classes) of a labelled dataset: the first image of each of the
     first half of the classes is registered (and is not a registration query itself, see
-    :func:`evaluate_embedder`); the other half of the classes must be rejected."""
+    :func:`evaluate_embedders`); the other half of the classes must be rejected."""
     first = {}
     for item, label in enumerate(queries.labels):
         first.setdefault(label, item)
@@ -147,27 +150,63 @@ def registration_split(queries) -> tuple:
     return queries, torch.utils.data.Subset(queries, [first[c] for c in registered]), registered
 
 
-def evaluate_embedder(embed, queries, gallery, registered: list[int], batch_size: int = 128) -> dict:
+def evaluate_embedders(embedders: dict, queries, gallery, registered: list[int], batch_size: int = 128) -> dict:
     """Verification report over all pairs of ``queries`` and registration accuracy of them against
-    ``gallery`` (the examples of the ``registered`` classes) at the FPR=1e-4 threshold.
+    ``gallery`` (the examples of the ``registered`` classes) at the FPR=1e-4 threshold, for each
+    of ``embedders`` (name -> embed); every image is loaded once for all of them.
 
-    ``embed`` maps images [B, 3, S, S] to unit embeddings [B, D] (pairs are scored on their
+    An embed maps images [B, 3, S, S] to unit embeddings [B, D] (pairs are scored on their
     device); the datasets give (image, label). When ``gallery`` is a ``Subset`` of ``queries``, its
-    images are left out of the registration queries (each would find itself). Returns a JSON-ready
-    dict: ``verification``, ``registration`` (with its ``threshold``), ``roc``.
+    images are left out of the registration queries (each would find itself). Returns, by name, a
+    JSON-ready dict: ``verification``, ``registration`` (with its ``threshold``), ``roc``.
     """
-    def embed_all(dataset) -> torch.Tensor:
+    def embed_all(dataset) -> dict[str, torch.Tensor]:
         loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-        return torch.cat([embed(images).float() for images, _ in loader])
+        parts = {name: [] for name in embedders}
+        for images, _ in loader:
+            for name, embed in embedders.items():
+                parts[name].append(embed(images).float())
+        return {name: torch.cat(rows) for name, rows in parts.items()}
 
-    embeddings = embed_all(queries)
-    labels = torch.tensor(queries.labels, device=embeddings.device)
-    report = verification_report(embeddings, labels)
-    threshold = report.at(1e-4).threshold
-    keep = torch.ones(len(labels), dtype=torch.bool, device=embeddings.device)
-    if isinstance(gallery, torch.utils.data.Subset) and gallery.dataset is queries:
-        keep[list(gallery.indices)] = False
-    registration = registration_accuracy(embed_all(gallery), torch.tensor(registered, device=embeddings.device),
-                                         embeddings[keep], labels[keep], threshold)
-    return {"verification": report.as_dict(), "registration": {**registration, "threshold": threshold},
-            "roc": {"fpr": report.roc_fpr.tolist(), "tpr": report.roc_tpr.tolist()}}
+    query_embeddings, gallery_embeddings = embed_all(queries), embed_all(gallery)
+    results = {}
+    for name, embeddings in query_embeddings.items():
+        labels = torch.tensor(queries.labels, device=embeddings.device)
+        report = verification_report(embeddings, labels)
+        threshold = report.at(1e-4).threshold
+        keep = torch.ones(len(labels), dtype=torch.bool, device=embeddings.device)
+        if isinstance(gallery, torch.utils.data.Subset) and gallery.dataset is queries:
+            keep[list(gallery.indices)] = False
+        registration = registration_accuracy(gallery_embeddings[name].to(embeddings.device),
+                                             torch.tensor(registered, device=embeddings.device),
+                                             embeddings[keep], labels[keep], threshold)
+        results[name] = {"verification": report.as_dict(), "registration": {**registration, "threshold": threshold},
+                         "roc": {"fpr": report.roc_fpr.tolist(), "tpr": report.roc_tpr.tolist()}}
+    return results
+
+
+def evaluate_embedder(embed, queries, gallery, registered: list[int], batch_size: int = 128) -> dict:
+    """:func:`evaluate_embedders` of the one embedder ``embed``."""
+    return evaluate_embedders({"model": embed}, queries, gallery, registered, batch_size)["model"]
+
+
+def summary_table(results: dict[str, dict], first: str = "unseen synthetic") -> str:
+    """A text table of :func:`evaluate_embedders`-style results (name -> result, each optionally
+    with a ``real_images`` result): TPR at FPR 1e-4 and 1e-3, registration accuracy (at the 1e-4
+    threshold) and top-1. A TPR whose FPR is not measurable on this many pairs is shown as ``n/a``."""
+    def cells(result: dict) -> list[str]:
+        points = {p["target_fpr"]: p for p in result["verification"]["points"]}
+        registration = result["registration"]
+        return [f"{points[f]['tpr']:.3f}" if points[f]["reliable"] else "n/a" for f in (1e-4, 1e-3)] + [
+            "-" if registration[k] is None else f"{registration[k]:.3f}" for k in ("accuracy", "top1")]
+
+    columns = ["TPR@1e-4", "TPR@1e-3", "register", "top-1"]
+    sets = [first] + (["real images"] if any("real_images" in r for r in results.values()) else [])
+    width = max(len(name) for name in results) + 2
+    lines = [" " * width + "".join(f"| {s:<{9 * len(columns) + 1}}" for s in sets),
+             " " * width + ("| " + "".join(f"{c:>9}" for c in columns) + " ") * len(sets)]
+    for name, result in results.items():
+        row = cells(result) + (cells(result["real_images"]) if "real_images" in result else [])
+        lines.append(f"{name:<{width}}" + "".join("| " + "".join(f"{c:>9}" for c in row[i:i + 4]) + " "
+                                                for i in range(0, len(row), 4)))
+    return "\n".join(lines)

@@ -31,7 +31,7 @@ ASPECT = {"id_card": 1.586, "bank_card": 1.586, "form": 0.707, "receipt": 0.4, "
 #: Types per look-alike family (same layout, other colours / issuer) and generations per family.
 FAMILY_SIZE, GENERATIONS = 3, 2
 #: Bumped whenever the same seed renders different images (caches of derived data key on it).
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 #: Evaluation type ids start here, so no evaluation type is ever a training type.
 EVAL_TYPE_OFFSET = 1_000_000
 _WORDS = ("NATIONAL", "REPUBLIC", "BANK", "UNION", "CREDIT", "INSURANCE", "LICENSE", "PERMIT", "RESIDENT",
@@ -183,10 +183,13 @@ def capture(image: Image.Image, seed: int, size: int = 128) -> Image.Image:
     pad = round(0.15 * max(w, h))
     canvas = Image.new("RGB", (w + 2 * pad, h + 2 * pad), _colour(rng, light=rng.random() < 0.5))
     canvas.paste(image, (pad, pad))
-    canvas = canvas.rotate(rng.uniform(-12, 12), resample=Image.BILINEAR, expand=False)
+    tilt = math.radians(rng.uniform(-12, 12))
     jitter = [rng.uniform(-0.06, 0.06) * s for s in (w, h) * 4]
     corners = [(pad + jitter[0], pad + jitter[1]), (pad + w + jitter[2], pad + jitter[3]),
                (pad + w + jitter[4], pad + h + jitter[5]), (pad + jitter[6], pad + h + jitter[7])]
+    # the tilt turns the quad about the canvas centre: one resampling (the quad's), not two
+    cx, cy, cos, sin = pad + w / 2, pad + h / 2, math.cos(tilt), math.sin(tilt)
+    corners = [(cx + (x - cx) * cos - (y - cy) * sin, cy + (x - cx) * sin + (y - cy) * cos) for x, y in corners]
     margin = rng.uniform(0.0, 0.1)
     canvas = canvas.transform((size, size), Image.QUAD, _expand(corners, margin), resample=Image.BILINEAR)
     pixels = np.asarray(canvas, dtype=np.float32)

@@ -16,19 +16,50 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from fastpfc import PartialFCLoss, create_margin
-from fastpfc.optim import SparseAdamW
+from fastpfc.optim import SparseAdamW, SparseSGD
 
+from .baselines import BASELINES
 from .checkpoints import check_resumable, read_checkpoint, save_checkpoint, set_rng_state, training_state
 from .distill import DISTILL_LOSSES, ClipTeacher, teacher_features
 from .embedders import model_identity
-from .evaluation import evaluate_embedder, registration_split
+from .evaluation import evaluate_embedders, registration_split
 from .files import write_text_atomic
 from .folders import ImageFolderDataset
 from .model import DocumentEmbedder, recalibrate_batchnorm
+from .procedural import PROCEDURAL_VERSION, SOURCES, ProceduralImages
+from .real_images import real_image_check
 from .synthetic import GENERATOR_VERSION, SyntheticDocuments
+
+#: ``--center-optimizer`` choices: row-sparse optimizers of the class centers, without weight
+#: decay, or ``prototype`` (no optimizer; see :func:`set_prototypes`).
+CENTER_OPTIMIZERS = {
+    "adamw": lambda params, lr: SparseAdamW(params, lr=lr, weight_decay=0.0),
+    "sgd": lambda params, lr: SparseSGD(params, lr=lr, momentum=0.9),
+    "prototype": None,
+}
+
+
+@torch.no_grad()
+def set_prototypes(loss_fn: PartialFCLoss, embeddings: torch.Tensor, labels: torch.Tensor, world: int) -> None:
+    """Memory-bank centers: each class of the global batch gets the unit mean of its embeddings
+    [B, D] there, written before the loss. A class seen once (every generated image its own class,
+    more classes than a short run draws images) is then told apart from the centers of the images
+    seen before it at its first and only encounter, where a learned center would still be random.
+    Under ``torchrun`` the batch is all-gathered and each rank writes the classes of its shard."""
+    features, labels = F.normalize(embeddings.detach().float(), dim=1), labels.to(embeddings.device)
+    if world > 1:
+        gathered = [torch.empty_like(features) for _ in range(world)], [torch.empty_like(labels) for _ in range(world)]
+        dist.all_gather(gathered[0], features)
+        dist.all_gather(gathered[1], labels)
+        features, labels = torch.cat(gathered[0]), torch.cat(gathered[1])
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    sums = features.new_zeros(len(classes), features.shape[1]).index_add_(0, inverse, features)
+    mine = (classes >= loss_fn.class_start) & (classes < loss_fn.class_stop)
+    loss_fn.weight[classes[mine] - loss_fn.class_start] = F.normalize(sums[mine], dim=1)
 
 
 def _option(default, help: str):
@@ -49,15 +80,25 @@ class TrainConfig:
     data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")
     eval_data: str | None = _option(None, "folder of class sub-folders to evaluate on (default: unseen synthetic "
                                            "types)")
-    train_types: int = _option(400, "synthetic document types (classes) to train on")
-    per_type: int = _option(8, "synthetic documents per training type")
+    synthetic: str = _option("mix", "built-in training images: documents (templates whose fields vary), fractals "
+                                    "(IFS fractals and dead leaves), cards (cards drawn from those) or mix (all)")
+    train_types: int = _option(400, "synthetic classes to train on (document types, or generated images)")
+    per_type: int = _option(8, "synthetic training items per class (documents of a type, or views of an image)")
+    clean_views: int = _option(0, "of each class's --views, how many are the clean image (as registered) instead "
+                                  "of a camera capture (generated sources)")
+    views: int = _option(1, "items of one synthetic class side by side in a batch (divides --per-type and "
+                            "--batch-size; 1: every item drawn on its own)")
     eval_types: int = _option(100, "unseen synthetic types to evaluate on")
     eval_per_type: int = _option(8, "captures per evaluation type")
+    real_captures: int = _option(8, "photographs per template of the real-image check (sample images shipped by "
+                                    "scikit-image and matplotlib); 0 skips the check")
     steps: int = _option(700, "optimizer steps")
     batch_size: int = _option(64, "images per step")
     lr: float = _option(4e-3, "peak learning rate of the backbone and head")
-    center_lr: float = _option(2e-2, "peak learning rate of the class centers (row-sparse AdamW: only the "
-                                     "sampled centers move)")
+    center_optimizer: str = _option("adamw", "how the class centers learn: adamw or sgd (momentum 0.9), row-sparse "
+                                             "(only the sampled centers move), or prototype (each batch sets its "
+                                             "classes' centers to the mean of their embeddings: a memory bank)")
+    center_lr: float = _option(2e-2, "peak learning rate of the class centers")
     weight_decay: float = _option(0.05, "AdamW weight decay of the backbone and head")
     warmup_steps: int = _option(50, "linear warm-up steps")
     schedule: str = _option("cosine", "decay after warm-up: cosine or poly")
@@ -94,10 +135,15 @@ _OPTION_RULES = {
     "image_size": (lambda v: v >= 16, "an integer >= 16"),
     "train_types": (lambda v: v >= 1, "an integer >= 1"),
     "per_type": (lambda v: v >= 1, "an integer >= 1"),
+    "views": (lambda v: v >= 1, "an integer >= 1"),
+    "clean_views": (lambda v: v >= 0, "an integer >= 0"),
+    "synthetic": (lambda v: v in ("documents", *SOURCES), f"one of documents, {', '.join(SOURCES)}"),
     "eval_types": (lambda v: v >= 2, "an integer >= 2"),
     "eval_per_type": (lambda v: v >= 2, "an integer >= 2 (pairs of the same type are needed)"),
+    "real_captures": (lambda v: v == 0 or v >= 2, "0 or an integer >= 2 (pairs of the same template are needed)"),
     "lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "center_lr": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    "center_optimizer": (lambda v: v in CENTER_OPTIMIZERS, f"one of {', '.join(CENTER_OPTIMIZERS)}"),
     "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
     "clip_grad": (lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
     "sample_rate": (lambda v: 0 < v <= 1, "in (0, 1]"),
@@ -113,6 +159,9 @@ def check_config(config: TrainConfig) -> None:
         value = getattr(config, name)
         if not valid(value):
             raise ValueError(f"--{name.replace('_', '-')} must be {expected}, got {value!r}")
+    if config.data is None and (config.per_type % config.views or config.batch_size % config.views):
+        raise ValueError(f"--views ({config.views}) must divide --per-type ({config.per_type}) and --batch-size "
+                         f"({config.batch_size})")
 
 
 def warmup_then_decay(config: TrainConfig):
@@ -129,14 +178,16 @@ class BatchSchedule:
     """The batches of every step, a function of (seed, step) alone: resuming at step k replays
     exactly what an uninterrupted run would have drawn. Each epoch is a new permutation and a new
     capture of every document (the ``draw``). With ``world`` ranks a step's global batch holds
-    ``world * batch_size`` items and rank ``rank`` takes its slice."""
+    ``world * batch_size`` items and rank ``rank`` takes its slice. With ``group`` > 1 the
+    permutation moves runs of ``group`` consecutive items together (the views of one class)."""
 
     def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, group: int = 1) -> None:
         if num_items < batch_size * world:
             raise ValueError(f"the training set has {num_items} items, fewer than one global batch of "
                              f"{world} x {batch_size}")
         self.num_items, self.batch_size, self.seed, self.start, self.stop = num_items, batch_size, seed, start, stop
+        self.group = group
         self.per_epoch = num_items // (batch_size * world)
         self.offset = rank * batch_size
         self.global_batch = batch_size * world
@@ -150,7 +201,8 @@ class BatchSchedule:
             epoch, position = divmod(step, self.per_epoch)
             if epoch != epoch_of_order:  # one permutation per epoch, not per step
                 generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                epoch_of_order, order = epoch, torch.randperm(self.num_items, generator=generator)
+                groups = torch.randperm(self.num_items // self.group, generator=generator)
+                epoch_of_order, order = epoch, (groups[:, None] * self.group + torch.arange(self.group)).flatten()
             first = position * self.global_batch + self.offset
             yield [(int(i), epoch) for i in order[first:first + self.batch_size]]
 
@@ -167,8 +219,12 @@ def training_data(config: TrainConfig, image_size: int | None = None):
         data = ImageFolderDataset(config.data, config.data_layout, size, LISTING_CACHE, augment=True)
         listing = hashlib.sha1("\n".join(data.paths).encode()).hexdigest()
         return data, {"folder": str(Path(config.data).resolve()), "layout": config.data_layout, "listing": listing}
-    data = SyntheticDocuments(config.train_types, config.per_type, "train", size, config.seed)
-    return data, {"synthetic": [config.train_types, config.per_type, config.seed], "generator": GENERATOR_VERSION}
+    identity = {"synthetic": [config.synthetic, config.train_types, config.per_type, config.seed, config.clean_views],
+                "generator": [GENERATOR_VERSION, PROCEDURAL_VERSION]}
+    if config.synthetic == "documents":
+        return SyntheticDocuments(config.train_types, config.per_type, "train", size, config.seed), identity
+    return ProceduralImages(config.train_types, config.per_type, config.synthetic, size, config.seed,
+                            config.clean_views), identity
 
 
 def evaluation_data(config: TrainConfig):
@@ -184,12 +240,30 @@ def evaluation_data(config: TrainConfig):
     return queries, torch.utils.data.Subset(clean, registered), registered
 
 
-def evaluate(model: DocumentEmbedder, config: TrainConfig, device: torch.device) -> dict:
-    """TPR@FPR over all pairs of the evaluation images (unseen classes) and registration accuracy
-    at the FPR=1e-4 threshold (see :func:`evaluation_data`)."""
+def evaluate(embedders: dict, config: TrainConfig) -> dict:
+    """Each embedder's (name -> images [B, 3, S, S] -> unit rows) TPR@FPR over all pairs of the
+    evaluation images (unseen classes) and registration accuracy at the FPR=1e-4 threshold (see
+    :func:`evaluation_data`), with the same for the real-image check under ``real_images`` when
+    ``--real-captures`` is not 0."""
+    results = evaluate_embedders(embedders, *evaluation_data(config))
+    if config.real_captures:
+        real = evaluate_embedders(embedders, *real_image_check(config.image_size, config.real_captures, config.seed))
+        for name, result in results.items():
+            result["real_images"] = real[name]
+    return results
+
+
+def evaluate_model(model: DocumentEmbedder, config: TrainConfig, device: torch.device) -> dict:
+    """:func:`evaluate` of ``model``, with its ``model_id`` (which ties eval.json's thresholds to
+    these weights)."""
     model.eval()
-    result = evaluate_embedder(lambda images: model.embed(images.to(device)), *evaluation_data(config))
-    return {"model_id": model_identity(model), **result}  # ties eval.json's thresholds to these weights
+    result = evaluate({"model": lambda images: model.embed(images.to(device))}, config)["model"]
+    return {"model_id": model_identity(model), **result}
+
+
+def evaluate_baselines(config: TrainConfig) -> dict:
+    """:func:`evaluate` of the embeddings that learn nothing (:data:`fastpfc.doc.baselines.BASELINES`)."""
+    return evaluate(BASELINES, config)
 
 
 class Student(nn.Module):
@@ -368,8 +442,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     loss_fn = PartialFCLoss(config.embedding_size, data.num_classes, create_margin(config.margin, **margin_args),
                             sample_rate=config.sample_rate, backend=config.backend, seed=config.seed,
                             sparse_grad=True).to(device)
-    optimizers = [torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay),
-                  SparseAdamW(loss_fn.parameters(), lr=config.center_lr, weight_decay=0.0)]
+    optimizers = [torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)]
+    prototypes = CENTER_OPTIMIZERS[config.center_optimizer] is None
+    if prototypes:
+        loss_fn.weight.requires_grad_(False)
+    else:
+        optimizers.append(CENTER_OPTIMIZERS[config.center_optimizer](loss_fn.parameters(), lr=config.center_lr))
     schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup_then_decay(config)) for o in optimizers]
     checkpoint, start = run / ("checkpoint.pt" if world == 1 else f"checkpoint-rank{rank}.pt"), 0
     other_layout = list(run.glob("checkpoint-rank*.pt")) if world == 1 else list(run.glob("checkpoint.pt"))
@@ -385,19 +463,20 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         if lead and _read_json(untrained_path) is None:  # the network still has its initial weights here
             warnings.warn(f"{untrained_path} is missing or unreadable: evaluating the untrained network again",
                           stacklevel=2)
-            write_text_atomic(untrained_path, json.dumps(evaluate(embedder, config, device)))
+            write_text_atomic(untrained_path, json.dumps(evaluate_model(embedder, config, device)))
         start = _load_checkpoint(checkpoint, config, student, loss_fn, optimizers, schedulers, world, device)
         if lead:
             _truncate_metrics(run / "metrics.jsonl", start)
     elif lead:
-        write_text_atomic(untrained_path, json.dumps(evaluate(embedder, config, device)))
+        write_text_atomic(untrained_path, json.dumps(evaluate_model(embedder, config, device)))
     if lead:
         write_text_atomic(run / "config.json", json.dumps(asdict(config), indent=2))
     network = nn.parallel.DistributedDataParallel(student) if world > 1 else student
     if config.compile:
         network = torch.compile(network)
 
-    schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, config.steps, rank, world)
+    group = config.views if config.data is None else 1
+    schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, config.steps, rank, world, group)
     loader = torch.utils.data.DataLoader(_Indexed(data), batch_sampler=schedule, num_workers=_workers(config),
                                          pin_memory=device.type == "cuda")
     distill = DISTILL_LOSSES.get(config.distill_loss)
@@ -413,6 +492,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                 images = images.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 embeddings, projections = network(images)
+            if prototypes:
+                set_prototypes(loss_fn, embeddings, labels, world)
             try:
                 loss = loss_fn(embeddings.float(), labels.to(device))
             except ValueError as rejected:  # the loss refuses non-finite embeddings: the run diverged
@@ -458,14 +539,16 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         bar.close()
         interrupted.restore()
     if config.precise_bn_batches > 0:
-        schedule = BatchSchedule(len(data), config.batch_size, config.seed, 0, config.precise_bn_batches, rank, world)
+        schedule = BatchSchedule(len(data), config.batch_size, config.seed, 0, config.precise_bn_batches, rank, world,
+                                 group)
         recalibrate_batchnorm(student.embedder, (torch.stack([data[item][0] for item in batch]).to(device)
                                                  for batch in schedule))
     save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizers, schedulers))
     if not lead:
         dist.barrier()
         return {}
-    results = {"untrained": json.loads(untrained_path.read_text()), "trained": evaluate(embedder, config, device)}
+    results = {"untrained": json.loads(untrained_path.read_text()),
+               "trained": evaluate_model(embedder, config, device), **evaluate_baselines(config)}
     write_text_atomic(run / "eval.json", json.dumps(results, indent=2))
     _plot(run, results)
     if world > 1:

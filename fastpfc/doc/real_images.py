@@ -1,0 +1,181 @@
+"""A registration check on real images that needs no download: photographs and scans shipped
+inside installed packages (scikit-image's and matplotlib's sample data), cut into card-shaped
+templates, each template its own class.
+
+Each template is registered once, clean, and queried by captures of a camera model written apart
+from the training augmentation (:func:`photograph` here, not :func:`fastpfc.doc.synthetic.capture`):
+another perspective and background, vignetting, white balance, gamma, defocus or motion blur,
+resolution loss, sensor noise and JPEG. Nothing trained ever sees these images.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from .images import read_image, to_tensor
+
+#: (package, path inside it) of the real photographs and scans; synthetic pictures (chessboards,
+#: colour wheels, phantoms, logos) and images under 150 px are left out. brick, grass and gravel are
+#: textures: one template each (crops of one texture are not told apart by anything).
+PHOTOS = (
+    ("skimage", "data/astronaut.png"), ("skimage", "data/camera.png"), ("skimage", "data/cell.png"),
+    ("skimage", "data/chelsea.png"), ("skimage", "data/clock_motion.png"), ("skimage", "data/coffee.png"),
+    ("skimage", "data/coins.png"), ("skimage", "data/hubble_deep_field.jpg"), ("skimage", "data/ihc.png"),
+    ("skimage", "data/moon.png"), ("skimage", "data/motorcycle_left.png"), ("skimage", "data/page.png"),
+    ("skimage", "data/retina.jpg"), ("skimage", "data/rocket.jpg"), ("skimage", "data/text.png"),
+    ("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),
+)
+TEXTURES = (("skimage", "data/brick.png"), ("skimage", "data/grass.png"), ("skimage", "data/gravel.png"))
+CARD_ASPECT = 1.586
+#: Templates are cut at least this wide (px of the source image).
+MIN_TEMPLATE_WIDTH = 150
+
+
+def _package_file(package: str, relative: str) -> Path:
+    """The file ``relative`` inside installed ``package``; an ImportError naming the extra if absent."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"the real-image check reads sample images shipped by {package}, which is not "
+                          "installed: pip install -e '.[train]'")
+    path = Path(spec.origin).parent / relative
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing from the installed {package}")
+    return path
+
+
+def card_crops(width: int, height: int, max_side: int = 2) -> list[tuple[int, int, int, int]]:
+    """Non-overlapping card-shaped boxes (left, top, right, bottom) on a grid of at most
+    ``max_side`` x ``max_side`` over an image of ``width`` x ``height``, centred."""
+    columns = max(1, min(max_side, width // MIN_TEMPLATE_WIDTH))
+    box_w = width // columns
+    box_h = round(box_w / CARD_ASPECT)
+    if box_h > height:
+        box_h, box_w = height, round(height * CARD_ASPECT)
+    rows = max(1, min(max_side, height // box_h))
+    left0, top0 = (width - columns * box_w) // 2, (height - rows * box_h) // 2
+    return [(left0 + c * box_w, top0 + r * box_h, left0 + (c + 1) * box_w, top0 + (r + 1) * box_h)
+            for r in range(rows) for c in range(columns)]
+
+
+@lru_cache(maxsize=1)
+def real_templates() -> tuple[tuple[str, Image.Image], ...]:
+    """(name, RGB image) of every template, in a fixed order."""
+    templates = []
+    for package, relative in PHOTOS + TEXTURES:
+        image = read_image(_package_file(package, relative))
+        boxes = card_crops(*image.size, max_side=1 if (package, relative) in TEXTURES else 2)
+        stem = Path(relative).stem
+        templates += [(f"{stem}-{i}", image.crop(box)) for i, box in enumerate(boxes)]
+    return tuple(templates)
+
+
+def _homography(source: list[tuple[float, float]], target: list[tuple[float, float]]) -> tuple[float, ...]:
+    """The 8 coefficients PIL's PERSPECTIVE transform takes to map output ``target`` points to
+    input ``source`` points."""
+    rows, values = [], []
+    for (x, y), (u, v) in zip(target, source, strict=True):
+        rows += [[x, y, 1, 0, 0, 0, -u * x, -u * y], [0, 0, 0, x, y, 1, -v * x, -v * y]]
+        values += [u, v]
+    return tuple(np.linalg.solve(np.array(rows, dtype=np.float64), np.array(values, dtype=np.float64)))
+
+
+def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
+    """A smooth random [size, size, 3] float field in [0, 1] (coarse noise upsampled)."""
+    coarse = Image.fromarray((rng.random((cells, cells, 3)) * 255).astype(np.uint8))
+    return np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
+
+
+def photograph(template: Image.Image, seed: int, size: int = 128) -> Image.Image:
+    """A ``size`` x ``size`` RGB photo of ``template`` lying on a surface, taken by a phone camera and
+    cropped to the card (which, like the clean template, then fills a square)."""
+    rng = np.random.default_rng(seed)
+    pick = random.Random(seed)
+    render = 2 * size  # work at twice the output resolution, then lose resolution
+    background = _smooth_field(rng, render, int(rng.integers(2, 6))) * rng.uniform(0.3, 0.9)
+    w, h = template.size
+    # where the card's corners land: the frame holds the card cropped to it, as a scanning app or a
+    # user framing the card does (and as the clean template is stored), give or take a tilt, a
+    # perspective, a loose or a tight crop
+    fill = rng.uniform(0.8, 1.05) * render / 2
+    angle = math.radians(rng.uniform(-10, 10))
+    centre = render / 2 + rng.uniform(-0.05, 0.05, 2) * render
+    corners = []
+    for sx, sy in ((-1, -1), (1, -1), (1, 1), (-1, 1)):
+        x, y = sx * fill, sy * fill
+        x, y = x * math.cos(angle) - y * math.sin(angle), x * math.sin(angle) + y * math.cos(angle)
+        corners.append((centre[0] + x + rng.normal(0, 0.04) * render, centre[1] + y + rng.normal(0, 0.04) * render))
+    coefficients = _homography([(0, 0), (w, 0), (w, h), (0, h)], corners)
+    card = template.transform((render, render), Image.PERSPECTIVE, coefficients, resample=Image.BICUBIC)
+    mask = Image.new("L", template.size, 255).transform((render, render), Image.PERSPECTIVE, coefficients,
+                                                       resample=Image.BILINEAR)
+    alpha = np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+    pixels = alpha * np.asarray(card, dtype=np.float32) / 255.0 + (1 - alpha) * background
+    yy, xx = np.mgrid[0:render, 0:render].astype(np.float32) / render - 0.5
+    vignette = 1.0 - rng.uniform(0.0, 0.6) * (xx ** 2 + yy ** 2) * 2
+    white_balance = np.exp(rng.normal(0, 0.08, 3)).astype(np.float32)
+    exposure = rng.uniform(0.75, 1.25)
+    pixels = np.clip(pixels * vignette[..., None] * white_balance * exposure, 0, 1) ** rng.uniform(0.8, 1.25)
+    photo = Image.fromarray((pixels * 255).astype(np.uint8))
+    if pick.random() < 0.5:
+        photo = photo.filter(ImageFilter.BoxBlur(rng.uniform(0.5, 2.0)))
+    else:  # motion: a short line kernel in one of four directions
+        length = pick.choice((3, 5))
+        kernel = np.zeros((length, length), dtype=np.float32)
+        direction = pick.randrange(4)
+        for i in range(length):
+            kernel[[length // 2, i, i, length - 1 - i][direction], [i, length // 2, i, i][direction]] = 1.0
+        photo = photo.filter(ImageFilter.Kernel((length, length), kernel.flatten().tolist(), scale=length))
+    photo = photo.resize((round(render * rng.uniform(0.3, 0.6)),) * 2, Image.BILINEAR).resize((size, size),
+                                                                                           Image.BILINEAR)
+    pixels = np.asarray(photo, dtype=np.float32)
+    pixels = pixels + rng.normal(0, 1, pixels.shape) * np.sqrt(pixels + 1) * rng.uniform(0.2, 0.9)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG",
+                                                                    quality=int(rng.integers(35, 90)))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+class RealImageCaptures(torch.utils.data.Dataset):
+    """``captures`` photographs of every real template (``clean=False``), or the template itself
+    resized (``clean=True``, one item per template), as ([3, size, size] float, template index)."""
+
+    def __init__(self, captures: int, size: int = 128, seed: int = 0, clean: bool = False) -> None:
+        self.templates = real_templates()
+        self.per_template = 1 if clean else captures
+        self.size, self.seed, self.clean = size, seed, clean
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.templates)
+
+    @property
+    def labels(self) -> list[int]:
+        return [item // self.per_template for item in range(len(self))]
+
+    def __len__(self) -> int:
+        return len(self.templates) * self.per_template
+
+    def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
+        label, capture = divmod(item, self.per_template)
+        template = self.templates[label][1]
+        if self.clean:
+            return to_tensor(template.resize((self.size, self.size), Image.BILINEAR)), label
+        return to_tensor(photograph(template, seed=(self.seed * 1_000_003 + label) * 101 + capture,
+                                    size=self.size)), label
+
+
+def real_image_check(size: int, captures: int = 8, seed: int = 0) -> tuple:
+    """(queries, gallery, registered classes) for :func:`fastpfc.doc.evaluation.evaluate_embedder`:
+    every template registered once, clean; the queries are its photographs."""
+    gallery = RealImageCaptures(1, size, seed, clean=True)
+    return RealImageCaptures(captures, size, seed), gallery, list(range(gallery.num_classes))

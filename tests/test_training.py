@@ -33,6 +33,23 @@ def test_head_layout_and_normalised_output():
         DocumentEmbedder(embedding_size=32, image_size=64, head_norm="gn")
 
 
+def test_thumbnail_head_sees_the_mean_removed_pooled_input():
+    """``head_thumbnail=N``: the head's first Linear takes the squeezed features and the input
+    average-pooled to N x N with each image's mean removed (float64 reference on a ragged pool)."""
+    model = DocumentEmbedder(embedding_size=16, image_size=64, head_thumbnail=5).double()
+    head = model.head
+    assert head.layers[1].in_features == 32 * 2 * 2 + 3 * 5 * 5
+    features, images = torch.randn(3, head.squeeze.in_channels, 2, 2).double(), torch.rand(3, 3, 64, 64).double()
+    seen = {}
+    head.layers[1].register_forward_pre_hook(lambda module, inputs: seen.update(x=inputs[0]))
+    head(features, images)
+    cells = [((64 * i) // 5, -(-64 * (i + 1) // 5)) for i in range(5)]  # adaptive pooling's overlapping cells
+    pooled = torch.stack([torch.stack([images[:, :, top:bottom, left:right].mean(dim=(2, 3)) for left, right in cells],
+                                      -1) for top, bottom in cells], -2).flatten(1)
+    torch.testing.assert_close(seen["x"][:, -75:], pooled - pooled.mean(dim=1, keepdim=True))
+    torch.testing.assert_close(seen["x"][:, :-75], head.squeeze(features).flatten(1))
+
+
 def test_training_lowers_the_loss_and_writes_the_run(tmp_path):
     config = _config(tmp_path, steps=40, lr=3e-3, checkpoint_every=100)
     results = train(config, progress=False)

@@ -72,7 +72,7 @@ class CheckpointEmbedder:
             config = json.loads((path.parent / "config.json").read_text())
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = DocumentEmbedder(config["backbone"], config["embedding_size"], config["image_size"],
-                                      config["head_norm"])
+                                      config["head_norm"], head_thumbnail=config.get("head_thumbnail", 0))
         self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()
         self.image_size, self.dim = config["image_size"], config["embedding_size"]

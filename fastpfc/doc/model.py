@@ -15,33 +15,47 @@ HEAD_NORMS = {
 
 class EmbeddingHead(nn.Module):
     """[B, C, H, W] features -> [B, embedding_size]: 1x1 squeeze conv, flatten, then
-    Linear -> norms -> Linear -> norms, with no bias and no activation (the recipe's head)."""
+    Linear -> norms -> Linear -> norms, with no bias and no activation (the recipe's head).
+
+    With ``thumbnail`` = N > 0 the first Linear also sees the input images average-pooled to
+    N x N ([B, 3 * N * N], each image's mean removed): the colour layout that a small backbone
+    trained briefly loses, given to the head to weigh against the deep features.
+    """
 
     def __init__(self, channels: int, spatial: tuple[int, int], embedding_size: int = 256,
-                 squeeze_channels: int = 32, hidden: int = 512, norm: str = "ln+bn") -> None:
+                 squeeze_channels: int = 32, hidden: int = 512, norm: str = "ln+bn", thumbnail: int = 0) -> None:
         super().__init__()
         if norm not in HEAD_NORMS:
             raise ValueError(f"unknown head norm {norm!r}; choose one of {sorted(HEAD_NORMS)}")
+        self.thumbnail = thumbnail
         self.squeeze = nn.Conv2d(channels, squeeze_channels, kernel_size=1, bias=False)
-        self.layers = nn.Sequential(
+        inputs = squeeze_channels * spatial[0] * spatial[1] + 3 * thumbnail * thumbnail
+        self.layers = nn.Sequential(  # the Flatten (of flat input) keeps earlier checkpoints' parameter names
             nn.Flatten(),
-            nn.Linear(squeeze_channels * spatial[0] * spatial[1], hidden, bias=False), HEAD_NORMS[norm](hidden),
+            nn.Linear(inputs, hidden, bias=False), HEAD_NORMS[norm](hidden),
             nn.Linear(hidden, embedding_size, bias=False), HEAD_NORMS[norm](embedding_size),
         )
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.layers(self.squeeze(features))
+    def forward(self, features: torch.Tensor, images: torch.Tensor | None = None) -> torch.Tensor:
+        """``features`` [B, C, H, W]; ``images`` [B, 3, S, S] (normalised input), used when
+        ``thumbnail`` > 0."""
+        flat = self.squeeze(features).flatten(1)
+        if self.thumbnail:
+            pooled = nn.functional.adaptive_avg_pool2d(images, self.thumbnail).flatten(1)
+            flat = torch.cat([flat, pooled - pooled.mean(dim=1, keepdim=True)], dim=1)
+        return self.layers(flat)
 
 
 class DocumentEmbedder(nn.Module):
     """timm backbone ``backbone`` + :class:`EmbeddingHead`; images [B, 3, S, S] in [0, 1].
 
     ``forward`` gives the raw embedding (for the loss); :meth:`embed` the L2-normalised one (for
-    inference). ``weights`` is a local file of pretrained backbone weights (nothing is downloaded).
+    inference). ``weights`` is a local file of pretrained backbone weights (nothing is downloaded);
+    ``head_thumbnail`` see :class:`EmbeddingHead`.
     """
 
     def __init__(self, backbone: str = "lcnet_050", embedding_size: int = 256, image_size: int = 128,
-                 head_norm: str = "ln+bn", weights: str | None = None) -> None:
+                 head_norm: str = "ln+bn", weights: str | None = None, head_thumbnail: int = 0) -> None:
         super().__init__()
         import timm  # the training extra; the loss itself does not need it
 
@@ -56,11 +70,13 @@ class DocumentEmbedder(nn.Module):
         with torch.no_grad():  # the feature map's shape, probed in eval mode (BatchNorm of 1x1 maps)
             features = self.backbone.eval()(torch.zeros(1, 3, image_size, image_size))[-1]
         self.backbone.train()
-        self.head = EmbeddingHead(features.shape[1], tuple(features.shape[2:]), embedding_size, norm=head_norm)
+        self.head = EmbeddingHead(features.shape[1], tuple(features.shape[2:]), embedding_size, norm=head_norm,
+                                  thumbnail=head_thumbnail)
         self.embedding_size = embedding_size
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone((images - self.mean) / self.std)[-1])
+        normalised = (images - self.mean) / self.std
+        return self.head(self.backbone(normalised)[-1], normalised)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -76,6 +76,7 @@ class TrainConfig:
     embedding_size: int = _option(256, "embedding dimension")
     image_size: int = _option(128, "input images are image_size x image_size")
     head_norm: str = _option("ln+bn", "norms after the head's linear layers: ln+bn, ln or bn")
+    head_thumbnail: int = _option(0, "the head also sees the input average-pooled to N x N (colour layout); 0: off")
     data: str | None = _option(None, "folder of training images (default: the built-in synthetic documents)")
     data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")
     eval_data: str | None = _option(None, "folder of class sub-folders to evaluate on (default: unseen synthetic "
@@ -133,6 +134,7 @@ _OPTION_RULES = {
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),
     "embedding_size": (lambda v: v >= 1, "an integer >= 1"),
     "image_size": (lambda v: v >= 16, "an integer >= 16"),
+    "head_thumbnail": (lambda v: v >= 0, "an integer >= 0"),
     "train_types": (lambda v: v >= 1, "an integer >= 1"),
     "per_type": (lambda v: v >= 1, "an integer >= 1"),
     "views": (lambda v: v >= 1, "an integer >= 1"),
@@ -434,7 +436,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     teacher_bank, teacher_dim = _teacher(config, device, progress)
     torch.manual_seed(config.seed)  # after the teacher: the same initial weights with or without one
     embedder = DocumentEmbedder(config.backbone, config.embedding_size, config.image_size, config.head_norm,
-                                config.weights)
+                                config.weights, config.head_thumbnail)
     student = Student(embedder, teacher_dim).to(device)
     if config.channels_last:
         student = student.to(memory_format=torch.channels_last)

@@ -51,7 +51,8 @@ def main() -> None:
                         help="DataLoader workers (a synthetic capture costs ~6 ms of CPU)")
     parser.add_argument("--run-dir", default="runs/gpu-train-check")
     args = parser.parse_args()
-    config = TrainConfig(run_dir=args.run_dir, train_types=args.classes, per_type=1, steps=args.steps,
+    config = TrainConfig(run_dir=args.run_dir, synthetic="documents", train_types=args.classes, per_type=1, views=1,
+                         center_optimizer="adamw", sample_rate=1.0, real_captures=0, steps=args.steps,
                          batch_size=args.batch_size, image_size=args.image_size, warmup_steps=min(50, args.steps // 5),
                          checkpoint_every=10 * args.steps, workers=args.workers)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -28,8 +28,9 @@ def checkpoint(tmp_path_factory) -> str:
     -0.43 once recalibrated), which would leave nothing for the tests to tell apart."""
     run = tmp_path_factory.mktemp("run")
     train(TrainConfig(run_dir=str(run), image_size=32, embedding_size=16, synthetic="documents", train_types=8,
-                      per_type=2, eval_types=6, eval_per_type=3, real_captures=0, steps=30, lr=1.5e-2, batch_size=8,
-                      warmup_steps=1, workers=0, precise_bn_batches=4), progress=False)
+                      per_type=2, views=1, center_optimizer="adamw", sample_rate=1.0, eval_types=6, eval_per_type=3,
+                      real_captures=0, steps=30, lr=1.5e-2, batch_size=8, warmup_steps=1, workers=0,
+                      precise_bn_batches=4), progress=False)
     return str(run / "checkpoint.pt")
 
 

@@ -46,7 +46,7 @@ def test_teacher_errors(tiny_clip, tmp_path):
         ClipTeacher("no-such-model", tiny_clip)
     with pytest.raises(ValueError, match="needs --clip-weights"):
         train(TrainConfig(run_dir=str(tmp_path), clip_model=TINY, synthetic="documents", train_types=4, per_type=2,
-                          batch_size=4, image_size=32), progress=False)
+                          views=1, batch_size=4, image_size=32), progress=False)
 
 
 def test_feature_cache_is_exact_reused_and_invalidated(tiny_clip, tmp_path, monkeypatch):
@@ -89,8 +89,9 @@ def test_training_with_distillation_pulls_the_student_to_the_teacher(tiny_clip, 
     averaged 0.70-0.79 against 0.02-0.05 for the first three, so the 0.35 asked for is about half
     of the smallest gain, not a value just under one machine's result."""
     config = TrainConfig(run_dir=str(tmp_path), clip_model=TINY, clip_weights=tiny_clip, image_size=48,
-                         embedding_size=16, synthetic="documents", train_types=8, per_type=4, eval_types=4,
-                         eval_per_type=2, real_captures=0, steps=20,
+                         embedding_size=16, head_thumbnail=0, synthetic="documents", train_types=8, per_type=4,
+                         views=1, center_optimizer="adamw", sample_rate=1.0, eval_types=4, eval_per_type=2,
+                         real_captures=0, steps=20,
                          batch_size=16, warmup_steps=2, workers=0, lr=3e-2, scale=16.0, margin_m=0.2,
                          distill_weight=20.0)
     train(config, progress=False)

@@ -14,9 +14,10 @@ from fastpfc.doc.training import TrainConfig, train  # noqa: E402
 
 
 def _config(tmp_path, **overrides) -> TrainConfig:
-    settings = dict(run_dir=str(tmp_path), image_size=64, embedding_size=32, synthetic="documents", train_types=12,
-                    per_type=4, eval_types=6, eval_per_type=3, real_captures=0, steps=6, batch_size=16,
-                    warmup_steps=2, workers=0, checkpoint_every=3, scale=16.0, margin_m=0.2)
+    settings = dict(run_dir=str(tmp_path), image_size=64, embedding_size=32, head_thumbnail=0, synthetic="documents",
+                    train_types=12, per_type=4, views=1, center_optimizer="adamw", sample_rate=1.0, eval_types=6,
+                    eval_per_type=3, real_captures=0, steps=6, batch_size=16, warmup_steps=2, workers=0,
+                    checkpoint_every=3, scale=16.0, margin_m=0.2)
     return TrainConfig(**(settings | overrides))
 
 
@@ -152,9 +153,13 @@ def test_diverged_embeddings_stop_with_the_step_and_keep_the_checkpoint(tmp_path
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
 
 
-def test_torchrun_trains_with_ddp_and_sharded_centers_and_resumes(tmp_path):
+@pytest.mark.parametrize("centers", [[], ["--synthetic", "mix", "--views", "4", "--center-optimizer", "prototype"]],
+                         ids=["default", "prototype"])
+def test_torchrun_trains_with_ddp_and_sharded_centers_and_resumes(tmp_path, centers):
     """train.py under torchrun with 2 gloo ranks: each rank holds half the class centers and its own
-    checkpoint; a second launch with more steps resumes from them."""
+    checkpoint; a second launch with more steps resumes from them. With prototype centers each rank
+    writes the centers of its shard: after 5 steps of 4 classes every one of the 10 has been in a
+    batch, so every center of both shards is a unit vector (the initial ones have norm ~0.04)."""
     from pathlib import Path
 
     from helpers import torchrun
@@ -162,7 +167,7 @@ def test_torchrun_trains_with_ddp_and_sharded_centers_and_resumes(tmp_path):
     script = Path(__file__).resolve().parent.parent / "train.py"
     options = ["--run-dir", str(tmp_path), "--image-size", "48", "--embedding-size", "16", "--train-types", "10",
                "--per-type", "4", "--eval-types", "4", "--eval-per-type", "2", "--batch-size", "8",
-               "--warmup-steps", "1", "--workers", "0", "--checkpoint-every", "2", "--real-captures", "0"]
+               "--warmup-steps", "1", "--workers", "0", "--checkpoint-every", "2", "--real-captures", "0", *centers]
     for steps in (3, 5):
         done = torchrun(str(script), *options, "--steps", str(steps))
         assert done.returncode == 0, done.stderr[-3000:]
@@ -175,6 +180,9 @@ def test_torchrun_trains_with_ddp_and_sharded_centers_and_resumes(tmp_path):
                 assert torch.equal(ranks[0]["model"][key], ranks[1]["model"][key]), key
     steps_logged = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert steps_logged == [1, 2, 3, 4, 5]
+    if centers:
+        norms = torch.cat([r["loss"]["weight"].norm(dim=1) for r in ranks])
+        torch.testing.assert_close(norms, torch.ones(10))
 
 
 def test_recalibrate_batchnorm_sets_the_plain_average_over_the_batches():
@@ -210,12 +218,13 @@ def test_bad_options_fail_before_any_work(tmp_path, option, value, says):
 
 
 def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_baselines(tmp_path):
-    """The formula-driven source (each image a class, two views side by side, SGD centers) trains,
+    """The default recipe (formula-drawn classes, four views side by side, prototype centers,
+    thumbnail head) trains,
     and every embedder, the baselines included, is scored on both evaluations."""
     from fastpfc.doc.real_images import real_templates
 
-    config = _config(tmp_path, synthetic="mix", train_types=40, per_type=2, views=2, steps=3, real_captures=2,
-                     center_optimizer="sgd", center_lr=0.1)
+    config = _config(tmp_path, synthetic="mix", train_types=40, per_type=4, views=4, steps=3, real_captures=2,
+                     center_optimizer="prototype", head_thumbnail=8)
     results = train(config, progress=False)
     assert set(results) == {"untrained", "trained", *BASELINES}
     for name, result in results.items():
@@ -324,3 +333,14 @@ def test_prototype_centers_are_the_unit_mean_of_each_class_in_the_batch():
             torch.testing.assert_close(loss_fn.weight[c].double(), expected, atol=1e-6, rtol=0)
         else:
             assert torch.equal(loss_fn.weight[c], before[c])
+
+
+def test_a_frozen_backbone_keeps_its_weights_and_the_head_learns(tmp_path):
+    config = _config(tmp_path, steps=2, freeze_backbone=True, checkpoint_every=100)
+    torch.manual_seed(config.seed)
+    initial = DocumentEmbedder(config.backbone, config.embedding_size, config.image_size, config.head_norm).state_dict()
+    train(config, progress=False)
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["model"]
+    weights = [k for k in initial if k.startswith("backbone.") and "running" not in k and "num_batches" not in k]
+    assert weights and all(torch.equal(saved[k], initial[k]) for k in weights)
+    assert not torch.equal(saved["head.layers.1.weight"], initial["head.layers.1.weight"])

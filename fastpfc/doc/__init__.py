@@ -1,8 +1,11 @@
 """Document embedding: synthetic documents, the model, training, evaluation and the registry.
 
-Modules: ``synthetic`` (procedural documents and captures), ``folders`` / ``images`` (image
+Modules: ``synthetic`` (procedural documents and captures), ``procedural`` (formula-driven
+classes: IFS fractals, dead leaves, cards drawn from them), ``folders`` / ``images`` (image
 folders), ``model`` (timm backbone + embedding head), ``distill`` (CLIP teacher), ``training``
-(``train.py``'s loop), ``evaluation`` (TPR@FPR, registration accuracy), ``embedders`` (checkpoint
+(``train.py``'s loop), ``evaluation`` (TPR@FPR, registration accuracy), ``real_images`` (the
+registration check on packaged sample photographs), ``baselines`` (pixels, thumbnail, colour
+histogram), ``embedders`` (checkpoint
 and ONNX inference, export), ``registry`` (register by example, classify with faiss), ``demo``
 (synthetic registration folders) and ``cli`` (``fastpfc-doc``).
 """

@@ -76,12 +76,13 @@ class TrainConfig:
     embedding_size: int = _option(256, "embedding dimension")
     image_size: int = _option(128, "input images are image_size x image_size")
     head_norm: str = _option("ln+bn", "norms after the head's linear layers: ln+bn, ln or bn")
-    head_thumbnail: int = _option(0, "the head also sees the input average-pooled to N x N (colour layout); 0: off")
-    data: str | None = _option(None, "folder of training images (default: the built-in synthetic documents)")
+    head_thumbnail: int = _option(8, "the head also sees the input average-pooled to N x N (colour layout); 0: off")
+    data: str | None = _option(None, "folder of training images (default: the built-in synthetic images, see "
+                                     "--synthetic)")
     data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")
     eval_data: str | None = _option(None, "folder of class sub-folders to evaluate on (default: unseen synthetic "
                                            "types)")
-    synthetic: str = _option("mix", "built-in training images: documents (templates whose fields vary), fractals "
+    synthetic: str = _option("documents", "built-in training images: documents (templates whose fields vary), fractals "
                                     "(IFS fractals and dead leaves), cards (cards drawn from those) or mix (all)")
     train_types: int = _option(400, "synthetic classes to train on (document types, or generated images)")
     per_type: int = _option(8, "synthetic training items per class (documents of a type, or views of an image)")
@@ -93,9 +94,10 @@ class TrainConfig:
     eval_per_type: int = _option(8, "captures per evaluation type")
     real_captures: int = _option(8, "photographs per template of the real-image check (sample images shipped by "
                                     "scikit-image and matplotlib); 0 skips the check")
-    steps: int = _option(700, "optimizer steps")
+    steps: int = _option(450, "optimizer steps")
     batch_size: int = _option(64, "images per step")
     lr: float = _option(4e-3, "peak learning rate of the backbone and head")
+    freeze_backbone: bool = _option(False, "keep the backbone's initial weights (train the head only)")
     center_optimizer: str = _option("adamw", "how the class centers learn: adamw or sgd (momentum 0.9), row-sparse "
                                              "(only the sampled centers move), or prototype (each batch sets its "
                                              "classes' centers to the mean of their embeddings: a memory bank)")
@@ -444,7 +446,10 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     loss_fn = PartialFCLoss(config.embedding_size, data.num_classes, create_margin(config.margin, **margin_args),
                             sample_rate=config.sample_rate, backend=config.backend, seed=config.seed,
                             sparse_grad=True).to(device)
-    optimizers = [torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)]
+    if config.freeze_backbone:
+        embedder.backbone.requires_grad_(False)
+    trained = [p for p in student.parameters() if p.requires_grad]
+    optimizers = [torch.optim.AdamW(trained, lr=config.lr, weight_decay=config.weight_decay)]
     prototypes = CENTER_OPTIMIZERS[config.center_optimizer] is None
     if prototypes:
         loss_fn.weight.requires_grad_(False)

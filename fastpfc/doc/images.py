@@ -34,3 +34,19 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 def load_image(path: str | Path, size: int) -> torch.Tensor:
     """The image at ``path`` resized to ``size`` x ``size``: [3, size, size] float in [0, 1]."""
     return to_tensor(read_image(path).resize((size, size), Image.BILINEAR))
+
+
+class ClassItems(torch.utils.data.Dataset):
+    """Base of the datasets of ``num_classes`` classes x ``per_class`` items, item ``i`` of class
+    ``i // per_class`` (subclasses set both attributes)."""
+
+    num_classes: int
+    per_class: int
+
+    def __len__(self) -> int:
+        return self.num_classes * self.per_class
+
+    @property
+    def labels(self) -> list[int]:
+        """Class of every item, in item order."""
+        return [item // self.per_class for item in range(len(self))]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import to_tensor
+from .images import ClassItems, to_tensor
 from .synthetic import EVAL_TYPE_OFFSET, DocumentType, capture
 
 #: Bumped whenever the same id renders a different image (caches of derived data key on it).
@@ -246,7 +246,7 @@ def _recent_render(name: str, class_id: int, seed: int) -> Image.Image:
     return GENERATORS[name](class_id, seed)
 
 
-class ProceduralImages(torch.utils.data.Dataset):
+class ProceduralImages(ClassItems):
     """``num_classes`` generated classes x ``per_class`` items, as ([3, size, size] float, label).
 
     Class ``c`` is drawn by generator ``SOURCES[source][c % n]`` from its own id; item ``i`` is
@@ -266,13 +266,6 @@ class ProceduralImages(torch.utils.data.Dataset):
                              "document types follow)")
         self.num_classes, self.per_class, self.size, self.seed = num_classes, per_class, size, seed
         self.clean_views = clean_views
-
-    def __len__(self) -> int:
-        return self.num_classes * self.per_class
-
-    @property
-    def labels(self) -> list[int]:
-        return [item // self.per_class for item in range(len(self))]
 
     def render(self, label: int, instance: int = 0) -> Image.Image:
         """The clean image of class ``label`` (instance ``instance`` for a document type)."""

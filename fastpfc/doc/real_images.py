@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from .images import read_image, to_tensor
+from .images import ClassItems, read_image, to_tensor
 
 #: (package, path inside it) of the real photographs and scans; synthetic pictures (chessboards,
 #: colour wheels, phantoms, logos) and images under 150 px are left out. brick, grass and gravel are
@@ -145,28 +145,17 @@ def photograph(template: Image.Image, seed: int, size: int = 128) -> Image.Image
     return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
 
 
-class RealImageCaptures(torch.utils.data.Dataset):
+class RealImageCaptures(ClassItems):
     """``captures`` photographs of every real template (``clean=False``), or the template itself
     resized (``clean=True``, one item per template), as ([3, size, size] float, template index)."""
 
     def __init__(self, captures: int, size: int = 128, seed: int = 0, clean: bool = False) -> None:
         self.templates = real_templates()
-        self.per_template = 1 if clean else captures
+        self.num_classes, self.per_class = len(self.templates), 1 if clean else captures
         self.size, self.seed, self.clean = size, seed, clean
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.templates)
-
-    @property
-    def labels(self) -> list[int]:
-        return [item // self.per_template for item in range(len(self))]
-
-    def __len__(self) -> int:
-        return len(self.templates) * self.per_template
-
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
-        label, capture = divmod(item, self.per_template)
+        label, capture = divmod(item, self.per_class)
         template = self.templates[label][1]
         if self.clean:
             return to_tensor(template.resize((self.size, self.size), Image.BILINEAR)), label

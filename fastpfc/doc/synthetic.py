@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
-from .images import to_tensor
+from .images import ClassItems, to_tensor
 
 KINDS = ("id_card", "bank_card", "form", "receipt", "certificate")
 ASPECT = {"id_card": 1.586, "bank_card": 1.586, "form": 0.707, "receipt": 0.4, "certificate": 1.414}
@@ -254,7 +254,7 @@ def _expand(corners: list[tuple[float, float]], margin: float) -> tuple[float, .
     return (*ul, *ll, *lr, *ur)
 
 
-class SyntheticDocuments(torch.utils.data.Dataset):
+class SyntheticDocuments(ClassItems):
     """``num_types`` document types x ``per_type`` captures, as ([3, size, size] float tensors, label).
 
     Labels are ``0 .. num_types - 1``. ``split='train'`` and ``split='eval'`` draw disjoint types.
@@ -267,24 +267,13 @@ class SyntheticDocuments(torch.utils.data.Dataset):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         offset = EVAL_TYPE_OFFSET if split == "eval" else 0
         self.types = [DocumentType.from_id(offset + seed * num_types + t) for t in range(num_types)]
-        self.per_type, self.size, self.seed, self.clean = per_type, size, seed, clean
-
-    def __len__(self) -> int:
-        return len(self.types) * self.per_type
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.types)
-
-    @property
-    def labels(self) -> list[int]:
-        """Class of every item, in item order."""
-        return [item // self.per_type for item in range(len(self))]
+        self.num_classes, self.per_class = num_types, per_type
+        self.size, self.seed, self.clean = size, seed, clean
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         """Item ``item``, or ``(item, draw)``: another capture of the same document for each draw."""
         item, draw = item if isinstance(item, tuple) else (item, 0)
-        label, instance = divmod(item, self.per_type)
+        label, instance = divmod(item, self.per_class)
         doc_type = self.types[label]
         image = doc_type.render(instance)
         if self.clean:

@@ -169,17 +169,18 @@ def evaluate_embedders(embedders: dict, queries, gallery, registered: list[int],
         return {name: torch.cat(rows) for name, rows in parts.items()}
 
     query_embeddings, gallery_embeddings = embed_all(queries), embed_all(gallery)
+    all_labels, gallery_labels = torch.tensor(queries.labels), torch.tensor(registered)
+    keep = torch.ones(len(all_labels), dtype=torch.bool)
+    if isinstance(gallery, torch.utils.data.Subset) and gallery.dataset is queries:
+        keep[list(gallery.indices)] = False
     results = {}
-    for name, embeddings in query_embeddings.items():
-        labels = torch.tensor(queries.labels, device=embeddings.device)
+    for name, embeddings in query_embeddings.items():  # each on its embedder's device
+        device = embeddings.device
+        labels, kept = all_labels.to(device), keep.to(device)
         report = verification_report(embeddings, labels)
         threshold = report.at(1e-4).threshold
-        keep = torch.ones(len(labels), dtype=torch.bool, device=embeddings.device)
-        if isinstance(gallery, torch.utils.data.Subset) and gallery.dataset is queries:
-            keep[list(gallery.indices)] = False
-        registration = registration_accuracy(gallery_embeddings[name].to(embeddings.device),
-                                             torch.tensor(registered, device=embeddings.device),
-                                             embeddings[keep], labels[keep], threshold)
+        registration = registration_accuracy(gallery_embeddings[name].to(device), gallery_labels.to(device),
+                                             embeddings[kept], labels[kept], threshold)
         results[name] = {"verification": report.as_dict(), "registration": {**registration, "threshold": threshold},
                          "roc": {"fpr": report.roc_fpr.tolist(), "tpr": report.roc_tpr.tolist()}}
     return results

@@ -80,13 +80,13 @@ def _ifs(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     while True:
         count = int(rng.integers(2, 5))
         singular = rng.uniform(0.2, 0.9, (count, 2))
-        if 0.4 <= singular.prod(axis=1).sum() <= 1.1:
+        areas = singular.prod(axis=1)
+        if 0.4 <= areas.sum() <= 1.1:
             break
     mirror = np.where(rng.random(count) < 0.5, -1.0, 1.0)
     scale = np.zeros((count, 2, 2))
     scale[:, 0, 0], scale[:, 1, 1] = singular[:, 0] * mirror, singular[:, 1]
     maps = _rotation(rng.uniform(0, 2 * np.pi, count)) @ scale @ _rotation(rng.uniform(0, 2 * np.pi, count))
-    areas = singular.prod(axis=1)
     return maps, rng.uniform(-1, 1, (count, 2)), (areas + 0.03) / (areas + 0.03).sum()
 
 

@@ -265,11 +265,6 @@ def evaluate_model(model: DocumentEmbedder, config: TrainConfig, device: torch.d
     return {"model_id": model_identity(model), **result}
 
 
-def evaluate_baselines(config: TrainConfig) -> dict:
-    """:func:`evaluate` of the embeddings that learn nothing (:data:`fastpfc.doc.baselines.BASELINES`)."""
-    return evaluate(BASELINES, config)
-
-
 class Student(nn.Module):
     """The embedder plus, when distilling, a bias-free projection of its embedding to the teacher's
     dimension. ``forward`` gives ``(embeddings [B, D], projections [B, T] or None)``."""
@@ -555,7 +550,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         dist.barrier()
         return {}
     results = {"untrained": json.loads(untrained_path.read_text()),
-               "trained": evaluate_model(embedder, config, device), **evaluate_baselines(config)}
+               "trained": evaluate_model(embedder, config, device), **evaluate(BASELINES, config)}
     write_text_atomic(run / "eval.json", json.dumps(results, indent=2))
     _plot(run, results)
     if world > 1:

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import read_checkpoint
@@ -71,11 +70,10 @@ class CheckpointEmbedder:
                 raise ValueError(f"{path} holds no config and there is no config.json beside it")
             config = json.loads((path.parent / "config.json").read_text())
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = DocumentEmbedder(config["backbone"], config["embedding_size"], config["image_size"],
-                                      config["head_norm"], head_thumbnail=config.get("head_thumbnail", 0))
+        self.model = DocumentEmbedder.from_config(config)
         self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()
-        self.image_size, self.dim = config["image_size"], config["embedding_size"]
+        self.image_size, self.dim = config["image_size"], self.model.embedding_size
         self.model_id = model_identity(self.model)
         self.operating_points = _operating_points(path.parent / "eval.json", self.model_id)
 
@@ -153,12 +151,14 @@ def load_embedder(path: str | Path):
 
 
 class _Normalized(nn.Module):
+    """The model's :meth:`DocumentEmbedder.embed` as its ``forward`` (what ONNX records)."""
+
     def __init__(self, model: DocumentEmbedder) -> None:
         super().__init__()
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.model(images), dim=1)
+        return self.model.embed(images)
 
 
 def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18,

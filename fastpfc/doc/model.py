@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 #: Norm layouts of the head, by name: the norms after each of its two linear layers.
@@ -11,6 +12,21 @@ HEAD_NORMS = {
     "ln": nn.LayerNorm,
     "bn": nn.BatchNorm1d,
 }
+
+#: Side of the fixed colour layout appended to the embedding (see ``layout_weight``), and the share
+#: of the image's side it is pooled from (the central square: a photo's border is mostly background).
+LAYOUT_SIDE, LAYOUT_CROP = 8, 0.7
+
+
+def colour_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
+    """A fixed descriptor: the central ``crop`` share of ``images`` [B, 3, H, W] average-pooled to
+    ``side`` x ``side``, each channel divided by its mean (a camera's exposure and white balance
+    undone), the mean removed, L2-normalised: [B, 3 * side * side] float32."""
+    height, width = images.shape[-2:]
+    rows, columns = (round(n * (1.0 - crop) / 2) for n in (height, width))
+    pooled = F.adaptive_avg_pool2d(images[..., rows:height - rows, columns:width - columns].float(), side)
+    pooled = (pooled / (pooled.mean(dim=(2, 3), keepdim=True) + 0.02)).flatten(1)
+    return F.normalize(pooled - pooled.mean(dim=1, keepdim=True), dim=1)
 
 
 class EmbeddingHead(nn.Module):
@@ -52,12 +68,22 @@ class DocumentEmbedder(nn.Module):
     ``forward`` gives the raw embedding (for the loss); :meth:`embed` the L2-normalised one (for
     inference). ``weights`` is a local file of pretrained backbone weights (nothing is downloaded);
     ``head_thumbnail`` see :class:`EmbeddingHead`.
+
+    With ``layout_weight`` w > 0, :meth:`embed` gives the learned embedding (unit, times
+    sqrt(1 - w)) followed by the fixed :func:`colour_layout` (times sqrt(w)): cosines of such
+    embeddings are w parts colour layout, 1 - w parts learned. The loss trains the learned part
+    (``forward``) alone. ``embedding_size`` is what :meth:`embed` gives: 3 x 8 x 8 = 192 more than
+    the ``embedding_size`` asked for (``learned_size``).
     """
 
     def __init__(self, backbone: str = "lcnet_050", embedding_size: int = 256, image_size: int = 128,
-                 head_norm: str = "ln+bn", weights: str | None = None, head_thumbnail: int = 0) -> None:
+                 head_norm: str = "ln+bn", weights: str | None = None, head_thumbnail: int = 0,
+                 layout_weight: float = 0.0) -> None:
         super().__init__()
         import timm  # the training extra; the loss itself does not need it
+
+        if not 0.0 <= layout_weight < 1.0:
+            raise ValueError(f"layout_weight must be in [0, 1), got {layout_weight}")
 
         overlay = {"file": weights} if weights else None
         # features_only: the last feature map, without the classifier's layers (which would hold
@@ -72,15 +98,30 @@ class DocumentEmbedder(nn.Module):
         self.backbone.train()
         self.head = EmbeddingHead(features.shape[1], tuple(features.shape[2:]), embedding_size, norm=head_norm,
                                   thumbnail=head_thumbnail)
-        self.embedding_size = embedding_size
+        self.layout_weight, self.learned_size = layout_weight, embedding_size
+        self.embedding_size = embedding_size + (3 * LAYOUT_SIDE ** 2 if layout_weight else 0)
+
+    @classmethod
+    def from_config(cls, config: dict, weights: str | None = None) -> DocumentEmbedder:
+        """The embedder of a ``train.py`` config (as checkpoints and config.json hold it); options
+        that older checkpoints lack take the value those were trained with."""
+        return cls(config["backbone"], config["embedding_size"], config["image_size"], config["head_norm"], weights,
+                   head_thumbnail=config.get("head_thumbnail", 0), layout_weight=config.get("layout_weight", 0.0))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """The learned raw embedding [B, learned_size] (what the loss sees)."""
         normalised = (images - self.mean) / self.std
         return self.head(self.backbone(normalised)[-1], normalised)
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.normalize(self(images).float(), dim=1)
+        """Unit embeddings [B, embedding_size] float32: the learned one, followed by the colour
+        layout when ``layout_weight`` > 0."""
+        learned = F.normalize(self(images).float(), dim=1)
+        if not self.layout_weight:
+            return learned
+        return torch.cat([learned * (1 - self.layout_weight) ** 0.5, colour_layout(images) * self.layout_weight ** 0.5],
+                         dim=1)
 
 
 @torch.no_grad()

@@ -73,10 +73,13 @@ class TrainConfig:
     run_dir: str = _option("runs/default", "run folder: config, checkpoint, metrics, eval, plots")
     backbone: str = _option("lcnet_050", "timm backbone name")
     weights: str | None = _option(None, "local file of pretrained backbone weights (nothing is downloaded)")
-    embedding_size: int = _option(256, "embedding dimension")
+    embedding_size: int = _option(256, "learned embedding dimension (--layout-weight appends 192 fixed ones)")
     image_size: int = _option(128, "input images are image_size x image_size")
     head_norm: str = _option("ln+bn", "norms after the head's linear layers: ln+bn, ln or bn")
     head_thumbnail: int = _option(8, "the head also sees the input average-pooled to N x N (colour layout); 0: off")
+    layout_weight: float = _option(0.5, "share of the embedding's cosine given to a fixed 8 x 8 colour layout (central "
+                                        "70%, each channel over its mean) appended to the learned embedding after "
+                                        "training; 0: the learned embedding alone")
     data: str | None = _option(None, "folder of training images (default: the built-in synthetic images, see "
                                      "--synthetic)")
     data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")
@@ -137,6 +140,7 @@ _OPTION_RULES = {
     "embedding_size": (lambda v: v >= 1, "an integer >= 1"),
     "image_size": (lambda v: v >= 16, "an integer >= 16"),
     "head_thumbnail": (lambda v: v >= 0, "an integer >= 0"),
+    "layout_weight": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train_types": (lambda v: v >= 1, "an integer >= 1"),
     "per_type": (lambda v: v >= 1, "an integer >= 1"),
     "views": (lambda v: v >= 1, "an integer >= 1"),
@@ -272,7 +276,7 @@ class Student(nn.Module):
     def __init__(self, embedder: DocumentEmbedder, teacher_dim: int | None) -> None:
         super().__init__()
         self.embedder = embedder
-        self.projection = nn.Linear(embedder.embedding_size, teacher_dim, bias=False) if teacher_dim else None
+        self.projection = nn.Linear(embedder.learned_size, teacher_dim, bias=False) if teacher_dim else None
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeddings = self.embedder(images)
@@ -432,8 +436,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     data, _ = training_data(config)
     teacher_bank, teacher_dim = _teacher(config, device, progress)
     torch.manual_seed(config.seed)  # after the teacher: the same initial weights with or without one
-    embedder = DocumentEmbedder(config.backbone, config.embedding_size, config.image_size, config.head_norm,
-                                config.weights, config.head_thumbnail)
+    embedder = DocumentEmbedder.from_config(asdict(config), config.weights)
     student = Student(embedder, teacher_dim).to(device)
     if config.channels_last:
         student = student.to(memory_format=torch.channels_last)

@@ -8,8 +8,8 @@ import torch
 pytest.importorskip("timm")
 
 import fastpfc.doc.training as training  # noqa: E402
-from fastpfc.doc.baselines import BASELINES  # noqa: E402
-from fastpfc.doc.model import DocumentEmbedder, colour_layout  # noqa: E402
+from fastpfc.doc.baselines import BASELINES, colour_layout  # noqa: E402
+from fastpfc.doc.model import DocumentEmbedder  # noqa: E402
 from fastpfc.doc.training import TrainConfig, train  # noqa: E402
 
 

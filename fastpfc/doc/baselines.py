@@ -31,6 +31,22 @@ def colour_thumbnail(images: torch.Tensor, side: int = 16) -> torch.Tensor:
     return _unit_centred(F.interpolate(images.float(), size=(side, side), mode="area"))
 
 
+#: Side of the fixed colour layout that the document embedding appends (see
+#: :class:`fastpfc.doc.model.DocumentEmbedder`), and the share of the image's side it is pooled
+#: from (the central square: a photo's border is mostly background).
+LAYOUT_SIDE, LAYOUT_CROP = 8, 0.7
+
+
+def colour_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
+    """A fixed descriptor: the central ``crop`` share of ``images`` [B, 3, H, W] average-pooled to
+    ``side`` x ``side``, each channel divided by its mean (a camera's exposure and white balance
+    undone), the mean removed, L2-normalised: [B, 3 * side * side] float32."""
+    height, width = images.shape[-2:]
+    rows, columns = (round(n * (1.0 - crop) / 2) for n in (height, width))
+    pooled = F.adaptive_avg_pool2d(images[..., rows:height - rows, columns:width - columns].float(), side)
+    return _unit_centred(pooled / (pooled.mean(dim=(2, 3), keepdim=True) + 0.02))
+
+
 def _hsv(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] RGB in [0, 1] -> hue, saturation, value in [0, 1]."""
     value, brightest = images.max(dim=1)

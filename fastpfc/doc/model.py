@@ -6,28 +6,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .baselines import LAYOUT_SIDE, colour_layout
+
 #: Norm layouts of the head, by name: the norms after each of its two linear layers.
 HEAD_NORMS = {
     "ln+bn": lambda d: nn.Sequential(nn.LayerNorm(d), nn.BatchNorm1d(d)),
     "ln": nn.LayerNorm,
     "bn": nn.BatchNorm1d,
 }
-
-#: Side of the fixed colour layout appended to the embedding (see ``layout_weight``), and the share
-#: of the image's side it is pooled from (the central square: a photo's border is mostly background).
-LAYOUT_SIDE, LAYOUT_CROP = 8, 0.7
-
-
-def colour_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
-    """A fixed descriptor: the central ``crop`` share of ``images`` [B, 3, H, W] average-pooled to
-    ``side`` x ``side``, each channel divided by its mean (a camera's exposure and white balance
-    undone), the mean removed, L2-normalised: [B, 3 * side * side] float32."""
-    height, width = images.shape[-2:]
-    rows, columns = (round(n * (1.0 - crop) / 2) for n in (height, width))
-    pooled = F.adaptive_avg_pool2d(images[..., rows:height - rows, columns:width - columns].float(), side)
-    pooled = (pooled / (pooled.mean(dim=(2, 3), keepdim=True) + 0.02)).flatten(1)
-    return F.normalize(pooled - pooled.mean(dim=1, keepdim=True), dim=1)
-
 
 class EmbeddingHead(nn.Module):
     """[B, C, H, W] features -> [B, embedding_size]: 1x1 squeeze conv, flatten, then

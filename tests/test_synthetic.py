@@ -1,9 +1,20 @@
 """The synthetic document generator: deterministic, disjoint splits, template shared, content varies."""
 
+import random
+
 import numpy as np
+import pytest
 import torch
 
-from fastpfc.doc.synthetic import FAMILY_SIZE, DocumentType, SyntheticDocuments, capture
+from fastpfc.doc.synthetic import (
+    CANVAS_PAD,
+    FAMILY_SIZE,
+    FRAMINGS,
+    DocumentType,
+    SyntheticDocuments,
+    _frame_quad,
+    capture,
+)
 
 
 def test_deterministic_from_seeds():
@@ -43,6 +54,38 @@ def test_captures():
     assert np.abs(shots[0] - shots[1]).mean() > 5, "two captures of one document differ"
     clean = np.asarray(doc.resize((96, 96)), dtype=np.float32)
     assert np.abs(shots[0] - clean).mean() > 5
+
+
+def _quad_stats(framing: str, width: int, height: int, seeds: int = 400):
+    """(area of the framed quad over the document's, offset of its centre from the document's as a
+    share of the side, whether it lies on the canvas) for ``seeds`` captures."""
+    pad = round(CANVAS_PAD * max(width, height))
+    stats = []
+    for seed in range(seeds):
+        quad = np.array(_frame_quad(random.Random(seed), width, height, pad, FRAMINGS[framing])).reshape(4, 2)
+        x, y = quad[:, 0], quad[:, 1]
+        area = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+        offset = max(abs(x.mean() - pad - width / 2) / width, abs(y.mean() - pad - height / 2) / height)
+        on_canvas = x.min() >= 0 and y.min() >= 0 and x.max() <= width + 2 * pad and y.max() <= height + 2 * pad
+        stats.append((area / (width * height), offset, on_canvas))
+    return np.array(stats)
+
+
+@pytest.mark.parametrize("width, height", [(320, 202), (150, 370)])
+def test_framings(width, height):
+    """snug: the frame holds about the whole document, centred up to its corner jitter, never
+    loose; loose: more often cut into the document, often far looser, often off-centre beyond
+    snug's reach. Both stay on the background (the canvas), whatever the document's shape."""
+    snug, loose = _quad_stats("snug", width, height), _quad_stats("loose", width, height)
+    jitter = FRAMINGS["snug"].jitter
+    assert snug[:, 2].all() and loose[:, 2].all()
+    assert snug[:, 0].min() >= (1 - 2 * jitter) ** 2 and snug[:, 0].max() < 1.4 and snug[:, 1].max() <= jitter
+    assert (loose[:, 0] < 0.9).mean() > 5 * (snug[:, 0] < 0.9).mean() and (loose[:, 0] > 1.4).mean() > 0.2
+    assert (loose[:, 1] > jitter).mean() > 0.2
+    doc = DocumentType.from_id(3).render(0)
+    assert not np.array_equal(np.asarray(capture(doc, seed=1, framing="loose")), np.asarray(capture(doc, seed=1)))
+    with pytest.raises(ValueError, match="unknown framing 'tight'"):
+        capture(doc, seed=1, framing="tight")
 
 
 def test_dataset_items():

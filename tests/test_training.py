@@ -248,6 +248,7 @@ def test_recalibrate_batchnorm_sets_the_plain_average_over_the_batches():
     ("center_optimizer", "lion", "--center-optimizer must be one of adamw, sgd"),
     ("real_captures", 1, "--real-captures must be 0 or an integer >= 2"),
     ("layout_weight", 1.0, r"--layout-weight must be in \[0, 1\)"),
+    ("framing", "tight", "--framing must be one of snug, loose"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, option, value, says):
     with pytest.raises(ValueError, match=says):

@@ -66,14 +66,15 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     the image resized. Items may also be ``(index, draw)`` pairs, as the training loop's batch
     schedule gives them: with ``augment=True`` each draw is another camera capture of the image
     (:func:`fastpfc.doc.synthetic.capture`: perspective, rotation, crop, lighting, glare, blur,
-    noise, JPEG), the augmentation that makes one image a class worth learning.
+    noise, JPEG; framed as ``framing`` says), the augmentation that makes one image a class worth
+    learning.
     """
 
     def __init__(self, root: str | Path, layout: str = "per_image", size: int = 128,
-                 cache_dir: str | Path | None = None, augment: bool = False) -> None:
+                 cache_dir: str | Path | None = None, augment: bool = False, framing: str = "snug") -> None:
         if layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-        self.root, self.size, self.augment = Path(root), size, augment
+        self.root, self.size, self.augment, self.framing = Path(root), size, augment, framing
         self.paths = list_images(root, cache_dir)
         if layout == "per_image":
             self.labels = list(range(len(self.paths)))
@@ -98,7 +99,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         image = read_image(self.root / self.paths[item])
         if self.augment and draw is not None:
             image.thumbnail((4 * self.size, 4 * self.size))  # capture() needs no more pixels than this
-            image = capture(image, seed=(item * 7919 + draw) * 31 + 17, size=self.size)
+            image = capture(image, seed=(item * 7919 + draw) * 31 + 17, size=self.size, framing=self.framing)
         else:
             image = image.resize((self.size, self.size), Image.BILINEAR)
         return to_tensor(image), self.labels[item]

@@ -253,11 +253,12 @@ class ProceduralImages(ClassItems):
     ``(class i // per_class, view i % per_class)``, and ``(item, draw)`` a new camera capture of it
     each draw. Document classes also vary their field text with the view and draw (a document type
     is a template); the other generators give one fixed image per class. Views below
-    ``clean_views`` are the clean image resized, as a registered example is, not a capture.
+    ``clean_views`` are the clean image resized, as a registered example is, not a capture; the
+    others are captures with ``framing``.
     """
 
     def __init__(self, num_classes: int, per_class: int, source: str = "mix", size: int = 128, seed: int = 0,
-                 clean_views: int = 0) -> None:
+                 clean_views: int = 0, framing: str = "snug") -> None:
         if source not in SOURCES:
             raise ValueError(f"unknown synthetic source {source!r}; choose one of {sorted(SOURCES)}")
         self.generators = SOURCES[source]
@@ -265,7 +266,7 @@ class ProceduralImages(ClassItems):
             raise ValueError(f"at most {EVAL_TYPE_OFFSET * len(self.generators)} classes (the evaluation's "
                              "document types follow)")
         self.num_classes, self.per_class, self.size, self.seed = num_classes, per_class, size, seed
-        self.clean_views = clean_views
+        self.clean_views, self.framing = clean_views, framing
 
     def render(self, label: int, instance: int = 0) -> Image.Image:
         """The clean image of class ``label`` (instance ``instance`` for a document type)."""
@@ -282,4 +283,4 @@ class ProceduralImages(ClassItems):
         if view < self.clean_views:
             return to_tensor(image.resize((self.size, self.size), Image.BILINEAR)), label
         seed = ((label * 1_000_003 + view) * 7919 + draw) * 31 + self.seed
-        return to_tensor(capture(image, seed=seed, size=self.size)), label
+        return to_tensor(capture(image, seed=seed, size=self.size, framing=self.framing)), label

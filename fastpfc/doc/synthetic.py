@@ -31,7 +31,7 @@ ASPECT = {"id_card": 1.586, "bank_card": 1.586, "form": 0.707, "receipt": 0.4, "
 #: Types per look-alike family (same layout, other colours / issuer) and generations per family.
 FAMILY_SIZE, GENERATIONS = 3, 2
 #: Bumped whenever the same seed renders different images (caches of derived data key on it).
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 #: Evaluation type ids start here, so no evaluation type is ever a training type.
 EVAL_TYPE_OFFSET = 1_000_000
 _WORDS = ("NATIONAL", "REPUBLIC", "BANK", "UNION", "CREDIT", "INSURANCE", "LICENSE", "PERMIT", "RESIDENT",
@@ -176,22 +176,58 @@ def _random_value(rng: random.Random) -> str:
     return "".join(rng.choice(alphabet) for _ in range(rng.randint(5, 12)))
 
 
-def capture(image: Image.Image, seed: int, size: int = 128) -> Image.Image:
-    """Photograph ``image`` with a hand-held camera: a ``size`` x ``size`` RGB image."""
+@dataclass(frozen=True)
+class Framing:
+    """Where :func:`capture` puts the document in its frame: each corner moved by up to ``jitter``
+    of the side, the frame grown around the document by a share drawn from ``margin`` (below 0: the
+    frame cuts into it), and moved off-centre by up to ``shift`` of the side."""
+
+    jitter: float
+    margin: tuple[float, float]
+    shift: float
+
+
+#: Framings by name. ``snug``: the document fills the frame, as a scanning app crops it (the
+#: synthetic evaluation's captures); ``loose``: framed by hand, tight or loose and off-centre (the
+#: training default; its ranges cover the real-image check's camera, see docs/training.md).
+FRAMINGS = {"snug": Framing(jitter=0.06, margin=(0.0, 0.1), shift=0.0),
+            "loose": Framing(jitter=0.08, margin=(-0.05, 0.25), shift=0.06)}
+
+#: Background around the document before framing, as a share of its longer side: enough that
+#: every framing's quad stays on it (no black corners).
+CANVAS_PAD = 0.4
+
+
+def _frame_quad(rng: random.Random, width: int, height: int, pad: int, frame: Framing) -> tuple[float, ...]:
+    """The quad (canvas coordinates, PIL's QUAD order) that a capture maps onto its square frame:
+    around the ``width`` x ``height`` document pasted at (``pad``, ``pad``), tilted, its corners
+    jittered, grown and moved as ``frame`` says."""
+    tilt = math.radians(rng.uniform(-12, 12))
+    jitter = [rng.uniform(-frame.jitter, frame.jitter) * s for s in (width, height) * 4]
+    corners = [(pad + jitter[0], pad + jitter[1]), (pad + width + jitter[2], pad + jitter[3]),
+               (pad + width + jitter[4], pad + height + jitter[5]), (pad + jitter[6], pad + height + jitter[7])]
+    # the tilt turns the quad about the document's centre: one resampling (the quad's), not two
+    cx, cy, cos, sin = pad + width / 2, pad + height / 2, math.cos(tilt), math.sin(tilt)
+    corners = [(cx + (x - cx) * cos - (y - cy) * sin, cy + (x - cx) * sin + (y - cy) * cos) for x, y in corners]
+    quad = _expand(corners, rng.uniform(*frame.margin))
+    if frame.shift:
+        dx, dy = (rng.uniform(-frame.shift, frame.shift) * side for side in (width, height))
+        quad = tuple(v + (dx, dy)[i % 2] for i, v in enumerate(quad))
+    return quad
+
+
+def capture(image: Image.Image, seed: int, size: int = 128, framing: str = "snug") -> Image.Image:
+    """Photograph ``image`` with a hand-held camera: a ``size`` x ``size`` RGB image, the document
+    framed as :data:`FRAMINGS` ``[framing]`` says."""
+    if framing not in FRAMINGS:
+        raise ValueError(f"unknown framing {framing!r}; choose one of {sorted(FRAMINGS)}")
     rng = random.Random(f"capture-{seed}")
     w, h = image.size
-    pad = round(0.15 * max(w, h))
+    pad = round(CANVAS_PAD * max(w, h))
     canvas = Image.new("RGB", (w + 2 * pad, h + 2 * pad), _colour(rng, light=rng.random() < 0.5))
     canvas.paste(image, (pad, pad))
-    tilt = math.radians(rng.uniform(-12, 12))
-    jitter = [rng.uniform(-0.06, 0.06) * s for s in (w, h) * 4]
-    corners = [(pad + jitter[0], pad + jitter[1]), (pad + w + jitter[2], pad + jitter[3]),
-               (pad + w + jitter[4], pad + h + jitter[5]), (pad + jitter[6], pad + h + jitter[7])]
-    # the tilt turns the quad about the canvas centre: one resampling (the quad's), not two
-    cx, cy, cos, sin = pad + w / 2, pad + h / 2, math.cos(tilt), math.sin(tilt)
-    corners = [(cx + (x - cx) * cos - (y - cy) * sin, cy + (x - cx) * sin + (y - cy) * cos) for x, y in corners]
-    margin = rng.uniform(0.0, 0.1)
-    canvas = canvas.transform((size, size), Image.QUAD, _expand(corners, margin), resample=Image.BILINEAR)
+    quad = _frame_quad(rng, w, h, pad, FRAMINGS[framing])
+    canvas = canvas.transform((size, size), Image.QUAD, quad, resample=Image.BILINEAR)
     pixels = np.asarray(canvas, dtype=np.float32)
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     angle = rng.uniform(0, 2 * math.pi)
@@ -258,17 +294,18 @@ class SyntheticDocuments(ClassItems):
     """``num_types`` document types x ``per_type`` captures, as ([3, size, size] float tensors, label).
 
     Labels are ``0 .. num_types - 1``. ``split='train'`` and ``split='eval'`` draw disjoint types.
-    With ``clean=True`` an item is the uncaptured document resized (a registration image).
+    With ``clean=True`` an item is the uncaptured document resized (a registration image); otherwise
+    a :func:`capture` with ``framing``.
     """
 
     def __init__(self, num_types: int, per_type: int, split: str = "train", size: int = 128, seed: int = 0,
-                 clean: bool = False) -> None:
+                 clean: bool = False, framing: str = "snug") -> None:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         offset = EVAL_TYPE_OFFSET if split == "eval" else 0
         self.types = [DocumentType.from_id(offset + seed * num_types + t) for t in range(num_types)]
         self.num_classes, self.per_class = num_types, per_type
-        self.size, self.seed, self.clean = size, seed, clean
+        self.size, self.seed, self.clean, self.framing = size, seed, clean, framing
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
         """Item ``item``, or ``(item, draw)``: another capture of the same document for each draw."""
@@ -280,5 +317,5 @@ class SyntheticDocuments(ClassItems):
             image = image.resize((self.size, self.size), Image.BILINEAR)
         else:
             seed = ((doc_type.type_id * 1_000_003 + instance) * 7919 + draw) * 31 + self.seed
-            image = capture(image, seed=seed, size=self.size)
+            image = capture(image, seed=seed, size=self.size, framing=self.framing)
         return to_tensor(image), label

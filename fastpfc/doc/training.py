@@ -32,7 +32,7 @@ from .folders import ImageFolderDataset
 from .model import DocumentEmbedder, recalibrate_batchnorm
 from .procedural import PROCEDURAL_VERSION, SOURCES, ProceduralImages
 from .real_images import real_image_check
-from .synthetic import GENERATOR_VERSION, SyntheticDocuments
+from .synthetic import FRAMINGS, GENERATOR_VERSION, SyntheticDocuments
 
 #: ``--center-optimizer`` choices: row-sparse optimizers of the class centers, without weight
 #: decay, or ``prototype`` (no optimizer; see :func:`set_prototypes`).
@@ -89,6 +89,8 @@ class TrainConfig:
                                     "(IFS fractals and dead leaves), cards (cards drawn from those) or mix (all)")
     train_types: int = _option(400, "synthetic classes to train on (document types, or generated images)")
     per_type: int = _option(8, "synthetic training items per class (documents of a type, or views of an image)")
+    framing: str = _option("loose", "how the training captures frame the image: loose (tight or loose, off-centre, "
+                                    "as by hand) or snug (filling the frame, as the synthetic evaluation's captures)")
     clean_views: int = _option(0, "of each class's --views, how many are the clean image (as registered) instead "
                                   "of a camera capture (generated sources)")
     views: int = _option(1, "items of one synthetic class side by side in a batch (divides --per-type and "
@@ -146,6 +148,7 @@ _OPTION_RULES = {
     "views": (lambda v: v >= 1, "an integer >= 1"),
     "clean_views": (lambda v: v >= 0, "an integer >= 0"),
     "synthetic": (lambda v: v in ("documents", *SOURCES), f"one of documents, {', '.join(SOURCES)}"),
+    "framing": (lambda v: v in FRAMINGS, f"one of {', '.join(FRAMINGS)}"),
     "eval_types": (lambda v: v >= 2, "an integer >= 2"),
     "eval_per_type": (lambda v: v >= 2, "an integer >= 2 (pairs of the same type are needed)"),
     "real_captures": (lambda v: v == 0 or v >= 2, "0 or an integer >= 2 (pairs of the same template are needed)"),
@@ -224,15 +227,18 @@ def training_data(config: TrainConfig, image_size: int | None = None):
     built-in synthetic documents."""
     size = image_size or config.image_size
     if config.data is not None:
-        data = ImageFolderDataset(config.data, config.data_layout, size, LISTING_CACHE, augment=True)
+        data = ImageFolderDataset(config.data, config.data_layout, size, LISTING_CACHE, augment=True,
+                                  framing=config.framing)
         listing = hashlib.sha1("\n".join(data.paths).encode()).hexdigest()
-        return data, {"folder": str(Path(config.data).resolve()), "layout": config.data_layout, "listing": listing}
+        return data, {"folder": str(Path(config.data).resolve()), "layout": config.data_layout, "listing": listing,
+                      "framing": config.framing}
     identity = {"synthetic": [config.synthetic, config.train_types, config.per_type, config.seed, config.clean_views],
-                "generator": [GENERATOR_VERSION, PROCEDURAL_VERSION]}
+                "generator": [GENERATOR_VERSION, PROCEDURAL_VERSION], "framing": config.framing}
     if config.synthetic == "documents":
-        return SyntheticDocuments(config.train_types, config.per_type, "train", size, config.seed), identity
+        return SyntheticDocuments(config.train_types, config.per_type, "train", size, config.seed,
+                                  framing=config.framing), identity
     return ProceduralImages(config.train_types, config.per_type, config.synthetic, size, config.seed,
-                            config.clean_views), identity
+                            config.clean_views, config.framing), identity
 
 
 def evaluation_data(config: TrainConfig):

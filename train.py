@@ -21,7 +21,8 @@ def parse_args() -> TrainConfig:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for option in dataclasses.fields(TrainConfig):
-        name, help = "--" + option.name.replace("_", "-"), option.metadata["help"]
+        name = "--" + option.name.replace("_", "-")
+        help = option.metadata["help"].replace("%", "%%")  # argparse formats help strings with %
         if option.type == "bool":  # annotations are strings here
             parser.add_argument(name, action=argparse.BooleanOptionalAction, default=option.default, help=help)
         else:

@@ -239,6 +239,21 @@ def test_recalibrate_batchnorm_sets_the_plain_average_over_the_batches():
     assert norm.momentum == 0.1 and not model.training and int(norm.num_batches_tracked) == 3
 
 
+def test_train_py_help_lists_every_option():
+    """``python train.py --help`` prints every TrainConfig field as an option, with its default."""
+    import dataclasses
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "train.py"
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for field in dataclasses.fields(TrainConfig):
+        assert "--" + field.name.replace("_", "-") in done.stdout
+    assert "central 70%" in done.stdout and "(default: loose)" in done.stdout
+
+
 @pytest.mark.parametrize("option, value, says", [
     ("checkpoint_every", 0, "--checkpoint-every must be an integer >= 1"), ("batch_size", 0, "--batch-size must be"),
     ("sample_rate", 0.0, r"--sample-rate must be in \(0, 1\]"), ("lr", float("nan"), "--lr must be a finite"),

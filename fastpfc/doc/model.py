@@ -15,6 +15,7 @@ HEAD_NORMS = {
     "bn": nn.BatchNorm1d,
 }
 
+
 class EmbeddingHead(nn.Module):
     """[B, C, H, W] features -> [B, embedding_size]: 1x1 squeeze conv, flatten, then
     Linear -> norms -> Linear -> norms, with no bias and no activation (the recipe's head).

@@ -8,7 +8,8 @@ import torch
 pytest.importorskip("timm")
 
 import fastpfc.doc.training as training  # noqa: E402
-from fastpfc.doc.baselines import BASELINES, colour_layout  # noqa: E402
+from fastpfc.doc.baselines import BASELINES  # noqa: E402
+from fastpfc.doc.layouts import colour_layout, layout_embedding  # noqa: E402
 from fastpfc.doc.model import DocumentEmbedder  # noqa: E402
 from fastpfc.doc.training import TrainConfig, train  # noqa: E402
 
@@ -52,32 +53,32 @@ def test_thumbnail_head_sees_the_mean_removed_pooled_input():
     torch.testing.assert_close(seen["x"][:, :-75], head.squeeze(features).flatten(1))
 
 
-def test_colour_layout_and_the_embedding_it_is_appended_to():
-    """``colour_layout``: float64 reference (central crop of a ragged image, adaptive pooling's
-    cells, each channel over its mean, centred, unit); ``layout_weight=w`` appends it times
-    sqrt(w) to the learned unit embedding times sqrt(1 - w) in ``embed`` (``forward``, what the
-    loss sees, is the learned embedding alone)."""
+@pytest.mark.parametrize("layout, size", [("colour", 192), ("lighting_robust", 576)])
+def test_the_layout_is_appended_to_the_embedding(layout, size):
+    """``layout_weight=w`` appends the layout times sqrt(w) to the learned unit embedding times
+    sqrt(1 - w) in ``embed`` (``forward``, what the loss sees, is the learned embedding alone)."""
     torch.manual_seed(0)
-    images = torch.rand(2, 3, 45, 61).double()
-    got = colour_layout(images, side=5, crop=0.7)
-    top, left = round(45 * 0.15), round(61 * 0.15)  # 7 and 9 px of border cut
-    centre = images[..., top:45 - top, left:61 - left]
-    height, width = centre.shape[-2:]
-    rows = [((height * i) // 5, -(-height * (i + 1) // 5)) for i in range(5)]  # adaptive pooling's cells
-    columns = [((width * i) // 5, -(-width * (i + 1) // 5)) for i in range(5)]
-    pooled = torch.stack([torch.stack([centre[:, :, a:b, c:d].mean(dim=(2, 3)) for c, d in columns], -1)
-                          for a, b in rows], -2)
-    pooled = (pooled / (pooled.mean(dim=(2, 3), keepdim=True) + 0.02)).flatten(1)
-    expected = pooled - pooled.mean(dim=1, keepdim=True)
-    torch.testing.assert_close(got.double(), expected / expected.norm(dim=1, keepdim=True), rtol=1e-5, atol=1e-6)
-
-    model = DocumentEmbedder(embedding_size=16, image_size=64, layout_weight=0.36).eval()
-    assert (model.learned_size, model.embedding_size) == (16, 16 + 192)
+    model = DocumentEmbedder(embedding_size=16, image_size=64, layout_weight=0.36, layout=layout).eval()
+    assert (model.learned_size, model.embedding_size) == (16, 16 + size)
     pictures = torch.rand(3, 3, 64, 64)
     out = model.embed(pictures)
-    torch.testing.assert_close(out[:, 16:], 0.6 * colour_layout(pictures, 8, 0.7))
+    torch.testing.assert_close(out[:, 16:], 0.6 * layout_embedding(pictures, layout))
     torch.testing.assert_close(out[:, :16], 0.8 * torch.nn.functional.normalize(model(pictures), dim=1))
-    # a white balance (per-channel gains) moves the layout of a smooth picture little, a thumbnail much
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+
+
+def test_checkpoints_from_before_the_layout_option_keep_the_colour_layout():
+    config = dict(backbone="lcnet_050", embedding_size=16, image_size=64, head_norm="ln+bn", head_thumbnail=8,
+                  layout_weight=0.5)  # a config.json written before --layout existed
+    model = DocumentEmbedder.from_config(config)
+    assert (model.layout, model.embedding_size) == ("colour", 16 + 192)
+    assert DocumentEmbedder.from_config(config | {"layout": "lighting_robust"}).embedding_size == 16 + 576
+
+
+def test_colour_layout_undoes_white_balance_and_bad_layouts_are_refused():
+    """A white balance (per-channel gains) moves the colour layout of a smooth picture little, a
+    thumbnail much; a layout weight of 1 or an unknown layout is a ValueError."""
+    torch.manual_seed(0)
     smooth = torch.nn.functional.interpolate(torch.rand(3, 3, 4, 4), size=(64, 64), mode="bilinear")
     gains = torch.tensor([1.2, 0.9, 0.8]).view(1, 3, 1, 1)
     moved = (colour_layout(smooth * gains) - colour_layout(smooth)).norm(dim=1).max()  # about 0.026
@@ -86,6 +87,8 @@ def test_colour_layout_and_the_embedding_it_is_appended_to():
     assert moved < 0.1 < 0.2 < thumbnail_moved.min()  # about 0.4
     with pytest.raises(ValueError, match="layout_weight must be in"):
         DocumentEmbedder(embedding_size=16, image_size=64, layout_weight=1.0)
+    with pytest.raises(ValueError, match="unknown layout 'hog'; choose one of"):
+        DocumentEmbedder(embedding_size=16, image_size=64, layout_weight=0.5, layout="hog")
 
 
 def test_training_lowers_the_loss_and_writes_the_run(tmp_path):
@@ -264,6 +267,7 @@ def test_train_py_help_lists_every_option():
     ("center_optimizer", "lion", "--center-optimizer must be one of adamw, sgd"),
     ("real_captures", 1, "--real-captures must be 0 or an integer >= 2"),
     ("layout_weight", 1.0, r"--layout-weight must be in \[0, 1\)"),
+    ("layout", "hog", "--layout must be one of colour, lighting_robust"),
     ("framing", "tight", "--framing must be one of snug, loose"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, option, value, says):
@@ -274,7 +278,7 @@ def test_bad_options_fail_before_any_work(tmp_path, option, value, says):
 
 def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_baselines(tmp_path):
     """The formula-drawn recipe (four views side by side, prototype centers, thumbnail head,
-    colour layout appended) trains, every embedder, the baselines included, is scored on both
+    layout appended) trains, every embedder, the baselines included, is scored on both
     evaluations, and the checkpoint reloads as the embedder that was evaluated (layout included)."""
     from fastpfc.doc.embedders import CheckpointEmbedder
     from fastpfc.doc.real_images import real_templates
@@ -292,8 +296,8 @@ def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_ba
         results["colour_thumbnail"]["real_images"]["registration"]
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["loss"]["weight"].shape == (40, 32)
     reloaded = CheckpointEmbedder(tmp_path / "checkpoint.pt", device="cpu")
-    assert reloaded.dim == 32 + 192 and reloaded.model_id == saved["trained"]["model_id"]
-    assert reloaded(torch.rand(2, 3, 64, 64)).shape == (2, 32 + 192)
+    assert reloaded.dim == 32 + 576 and reloaded.model_id == saved["trained"]["model_id"]
+    assert reloaded(torch.rand(2, 3, 64, 64)).shape == (2, 32 + 576)
 
 
 def test_zero_steps_evaluates_and_writes_every_file(tmp_path):

@@ -14,8 +14,9 @@ import torch.nn.functional as F
 _GREY_WEIGHTS = (0.299, 0.587, 0.114)
 
 
-def _unit_centred(features: torch.Tensor) -> torch.Tensor:
-    """Rows minus their own mean, L2-normalised (cosine then is a correlation coefficient)."""
+def unit_centred(features: torch.Tensor) -> torch.Tensor:
+    """Rows of ``features`` [B, ...] flattened, minus their own mean, L2-normalised (cosine then is
+    a correlation coefficient): [B, D] float32."""
     features = features.flatten(1).float()
     return F.normalize(features - features.mean(dim=1, keepdim=True), dim=1)
 
@@ -23,28 +24,12 @@ def _unit_centred(features: torch.Tensor) -> torch.Tensor:
 def raw_pixels(images: torch.Tensor, side: int = 32) -> torch.Tensor:
     """Greyscale pixels at ``side`` x ``side``: [B, side * side]."""
     grey = torch.einsum("bchw,c->bhw", images.float(), images.new_tensor(_GREY_WEIGHTS).float())
-    return _unit_centred(F.interpolate(grey[:, None], size=(side, side), mode="area"))
+    return unit_centred(F.interpolate(grey[:, None], size=(side, side), mode="area"))
 
 
 def colour_thumbnail(images: torch.Tensor, side: int = 16) -> torch.Tensor:
     """RGB pixels at ``side`` x ``side``: [B, 3 * side * side]."""
-    return _unit_centred(F.interpolate(images.float(), size=(side, side), mode="area"))
-
-
-#: Side of the fixed colour layout that the document embedding appends (see
-#: :class:`fastpfc.doc.model.DocumentEmbedder`), and the share of the image's side it is pooled
-#: from (the central square: a photo's border is mostly background).
-LAYOUT_SIDE, LAYOUT_CROP = 8, 0.7
-
-
-def colour_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
-    """A fixed descriptor: the central ``crop`` share of ``images`` [B, 3, H, W] average-pooled to
-    ``side`` x ``side``, each channel divided by its mean (a camera's exposure and white balance
-    undone), the mean removed, L2-normalised: [B, 3 * side * side] float32."""
-    height, width = images.shape[-2:]
-    rows, columns = (round(n * (1.0 - crop) / 2) for n in (height, width))
-    pooled = F.adaptive_avg_pool2d(images[..., rows:height - rows, columns:width - columns].float(), side)
-    return _unit_centred(pooled / (pooled.mean(dim=(2, 3), keepdim=True) + 0.02))
+    return unit_centred(F.interpolate(images.float(), size=(side, side), mode="area"))
 
 
 def _hsv(images: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .baselines import LAYOUT_SIDE, colour_layout
+from .layouts import LAYOUTS, layout_embedding, layout_size
 
 #: Norm layouts of the head, by name: the norms after each of its two linear layers.
 HEAD_NORMS = {
@@ -57,20 +57,24 @@ class DocumentEmbedder(nn.Module):
     ``head_thumbnail`` see :class:`EmbeddingHead`.
 
     With ``layout_weight`` w > 0, :meth:`embed` gives the learned embedding (unit, times
-    sqrt(1 - w)) followed by the fixed :func:`colour_layout` (times sqrt(w)): cosines of such
-    embeddings are w parts colour layout, 1 - w parts learned. The loss trains the learned part
-    (``forward``) alone. ``embedding_size`` is what :meth:`embed` gives: 3 x 8 x 8 = 192 more than
-    the ``embedding_size`` asked for (``learned_size``).
+    sqrt(1 - w)) followed by the fixed layout ``layout`` (one of
+    :data:`fastpfc.doc.layouts.LAYOUTS`, unit, times sqrt(w)): cosines of such embeddings are w
+    parts layout, 1 - w parts learned. The loss trains the learned part (``forward``) alone.
+    ``embedding_size`` is what :meth:`embed` gives: the ``embedding_size`` asked for
+    (``learned_size``) plus the layout's dimensions (192 for ``colour``, 576 for
+    ``lighting_robust``).
     """
 
     def __init__(self, backbone: str = "lcnet_050", embedding_size: int = 256, image_size: int = 128,
                  head_norm: str = "ln+bn", weights: str | None = None, head_thumbnail: int = 0,
-                 layout_weight: float = 0.0) -> None:
+                 layout_weight: float = 0.0, layout: str = "colour") -> None:
         super().__init__()
         import timm  # the training extra; the loss itself does not need it
 
         if not 0.0 <= layout_weight < 1.0:
             raise ValueError(f"layout_weight must be in [0, 1), got {layout_weight}")
+        if layout not in LAYOUTS:
+            raise ValueError(f"unknown layout {layout!r}; choose one of {sorted(LAYOUTS)}")
 
         overlay = {"file": weights} if weights else None
         # features_only: the last feature map, without the classifier's layers (which would hold
@@ -85,15 +89,16 @@ class DocumentEmbedder(nn.Module):
         self.backbone.train()
         self.head = EmbeddingHead(features.shape[1], tuple(features.shape[2:]), embedding_size, norm=head_norm,
                                   thumbnail=head_thumbnail)
-        self.layout_weight, self.learned_size = layout_weight, embedding_size
-        self.embedding_size = embedding_size + (3 * LAYOUT_SIDE ** 2 if layout_weight else 0)
+        self.layout_weight, self.layout, self.learned_size = layout_weight, layout, embedding_size
+        self.embedding_size = embedding_size + (layout_size(layout) if layout_weight else 0)
 
     @classmethod
     def from_config(cls, config: dict, weights: str | None = None) -> DocumentEmbedder:
         """The embedder of a ``train.py`` config (as checkpoints and config.json hold it); options
         that older checkpoints lack take the value those were trained with."""
         return cls(config["backbone"], config["embedding_size"], config["image_size"], config["head_norm"], weights,
-                   head_thumbnail=config.get("head_thumbnail", 0), layout_weight=config.get("layout_weight", 0.0))
+                   head_thumbnail=config.get("head_thumbnail", 0), layout_weight=config.get("layout_weight", 0.0),
+                   layout=config.get("layout", "colour"))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """The learned raw embedding [B, learned_size] (what the loss sees)."""
@@ -102,13 +107,13 @@ class DocumentEmbedder(nn.Module):
 
     @torch.no_grad()
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Unit embeddings [B, embedding_size] float32: the learned one, followed by the colour
-        layout when ``layout_weight`` > 0."""
+        """Unit embeddings [B, embedding_size] float32: the learned one, followed by the layout
+        when ``layout_weight`` > 0."""
         learned = F.normalize(self(images).float(), dim=1)
         if not self.layout_weight:
             return learned
-        return torch.cat([learned * (1 - self.layout_weight) ** 0.5, colour_layout(images) * self.layout_weight ** 0.5],
-                         dim=1)
+        return torch.cat([learned * (1 - self.layout_weight) ** 0.5,
+                          layout_embedding(images, self.layout) * self.layout_weight ** 0.5], dim=1)
 
 
 @torch.no_grad()

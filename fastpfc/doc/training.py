@@ -29,6 +29,7 @@ from .embedders import model_identity
 from .evaluation import evaluate_embedders, registration_split
 from .files import write_text_atomic
 from .folders import ImageFolderDataset
+from .layouts import LAYOUTS
 from .model import DocumentEmbedder, recalibrate_batchnorm
 from .procedural import PROCEDURAL_VERSION, SOURCES, ProceduralImages
 from .real_images import real_image_check
@@ -73,13 +74,17 @@ class TrainConfig:
     run_dir: str = _option("runs/default", "run folder: config, checkpoint, metrics, eval, plots")
     backbone: str = _option("lcnet_050", "timm backbone name")
     weights: str | None = _option(None, "local file of pretrained backbone weights (nothing is downloaded)")
-    embedding_size: int = _option(256, "learned embedding dimension (--layout-weight appends 192 fixed ones)")
+    embedding_size: int = _option(256, "learned embedding dimension (--layout-weight appends the layout's fixed ones: "
+                                        "192 per part)")
     image_size: int = _option(128, "input images are image_size x image_size")
     head_norm: str = _option("ln+bn", "norms after the head's linear layers: ln+bn, ln or bn")
     head_thumbnail: int = _option(8, "the head also sees the input average-pooled to N x N (colour layout); 0: off")
-    layout_weight: float = _option(0.5, "share of the embedding's cosine given to a fixed 8 x 8 colour layout (central "
-                                        "70%, each channel over its mean) appended to the learned embedding after "
-                                        "training; 0: the learned embedding alone")
+    layout_weight: float = _option(0.5, "share of the embedding's cosine given to a fixed layout of the image's "
+                                        "central 70% in 8 x 8 cells (--layout), appended to the learned embedding "
+                                        "after training; 0: the learned embedding alone")
+    layout: str = _option("lighting_robust", "the fixed layout: colour (each channel over its mean) or "
+                                             "lighting_robust (that, a chromaticity layout and a shading-free log "
+                                             "layout, a third each)")
     data: str | None = _option(None, "folder of training images (default: the built-in synthetic images, see "
                                      "--synthetic)")
     data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")
@@ -143,6 +148,7 @@ _OPTION_RULES = {
     "image_size": (lambda v: v >= 16, "an integer >= 16"),
     "head_thumbnail": (lambda v: v >= 0, "an integer >= 0"),
     "layout_weight": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "layout": (lambda v: v in LAYOUTS, f"one of {', '.join(LAYOUTS)}"),
     "train_types": (lambda v: v >= 1, "an integer >= 1"),
     "per_type": (lambda v: v >= 1, "an integer >= 1"),
     "views": (lambda v: v >= 1, "an integer >= 1"),

@@ -1,0 +1,92 @@
+"""Fixed layout descriptors, appended to the learned document embedding (see
+:class:`fastpfc.doc.model.DocumentEmbedder`).
+
+Each part maps images ``[B, 3, H, W]`` float in [0, 1] to unit rows ``[B, 3 * side * side]``
+float32, computed from the central ``crop`` share of the image (a photo's border is mostly
+background) average-pooled to ``side`` x ``side`` cells. The parts differ in which camera changes
+they ignore:
+
+- :func:`colour_layout`: each channel over its mean, so exposure and white balance (one gain per
+  channel) cancel.
+- :func:`chromaticity_layout`: each cell's share of each channel in its R + G + B, over the image's
+  mean share, so any colourless light field (a lighting gradient, a shadow, glare that does not
+  clip) cancels, and so does a colour cast. A grey picture has none.
+- :func:`shading_free_layout`: the log of the cells with each channel's best-fitting plane over the
+  cell grid removed, so exposure, white balance and a lighting gradient (linear in log) cancel.
+
+:data:`LAYOUTS` names the combinations ``--layout`` offers; :func:`layout_embedding` computes one.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .baselines import unit_centred
+
+#: Cells per side of every layout, and the central share of the image's side they are pooled from.
+LAYOUT_SIDE, LAYOUT_CROP = 8, 0.7
+#: Added to the cells (in [0, 1]) before ratios and logs, so dark cells stay finite and quiet.
+_DARK = 0.02
+
+
+def central_cells(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
+    """The central ``crop`` share of ``images`` [B, 3, H, W] average-pooled to [B, 3, side, side] float32."""
+    height, width = images.shape[-2:]
+    rows, columns = (round(n * (1.0 - crop) / 2) for n in (height, width))
+    return F.adaptive_avg_pool2d(images[..., rows:height - rows, columns:width - columns].float(), side)
+
+
+def colour_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
+    """The cells, each channel divided by its mean, centred, unit: [B, 3 * side * side] float32."""
+    cells = central_cells(images, side, crop)
+    return unit_centred(cells / (cells.mean(dim=(2, 3), keepdim=True) + _DARK))
+
+
+def chromaticity_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
+    """Each cell's share of each channel (R, G, B over their sum), divided by the image's mean
+    share, centred, unit: [B, 3 * side * side] float32."""
+    cells = central_cells(images, side, crop) + _DARK
+    shares = cells / cells.sum(dim=1, keepdim=True)
+    return unit_centred(shares / shares.mean(dim=(2, 3), keepdim=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _plane_residual(side: int) -> torch.Tensor:
+    """[side², side²] projection that removes the least-squares plane a + b·x + c·y over the cell grid."""
+    y, x = torch.meshgrid(torch.linspace(-1, 1, side, dtype=torch.float64),
+                          torch.linspace(-1, 1, side, dtype=torch.float64), indexing="ij")
+    basis = torch.stack([torch.ones_like(x), x, y], dim=-1).reshape(-1, 3)
+    return (torch.eye(side * side, dtype=torch.float64) - basis @ torch.linalg.pinv(basis)).float()
+
+
+def shading_free_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
+    """The log of the cells, each channel's best-fitting plane over the cell grid removed, centred,
+    unit: [B, 3 * side * side] float32."""
+    logs = torch.log(central_cells(images, side, crop) + _DARK).flatten(2)  # [B, 3, side²]
+    residual = _plane_residual(side).to(logs.device)
+    return unit_centred(logs @ residual)
+
+
+#: Layouts by the name ``--layout`` takes: the parts, weighted equally. ``colour`` is what runs
+#: before ``--layout`` existed used.
+LAYOUTS: dict[str, tuple[Callable[..., torch.Tensor], ...]] = {
+    "colour": (colour_layout,),
+    "lighting_robust": (colour_layout, chromaticity_layout, shading_free_layout),
+}
+
+
+def layout_size(name: str, side: int = LAYOUT_SIDE) -> int:
+    """Dimensions of layout ``name``: 3 x side x side per part."""
+    return 3 * side * side * len(LAYOUTS[name])
+
+
+def layout_embedding(images: torch.Tensor, name: str) -> torch.Tensor:
+    """Layout ``name`` of ``images`` [B, 3, H, W]: its parts side by side, each times
+    1/sqrt(parts), so rows stay unit and every part is an equal share of a cosine:
+    [B, layout_size(name)] float32."""
+    parts = LAYOUTS[name]
+    return torch.cat([part(images) for part in parts], dim=1) / len(parts) ** 0.5

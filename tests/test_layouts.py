@@ -1,0 +1,103 @@
+"""The fixed layouts appended to the document embedding: float64 references on ragged images, and
+the camera changes each part ignores."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastpfc.doc.layouts import (
+    LAYOUTS,
+    chromaticity_layout,
+    colour_layout,
+    layout_embedding,
+    layout_size,
+    shading_free_layout,
+)
+
+
+def _cells(images: torch.Tensor, side: int, crop: float) -> torch.Tensor:
+    """float64 reference: the central ``crop`` of ``images`` cut as written, each of adaptive
+    pooling's cells averaged: [B, 3, side, side]."""
+    height, width = images.shape[-2:]
+    top, left = round(height * (1 - crop) / 2), round(width * (1 - crop) / 2)
+    centre = images.double()[..., top:height - top, left:width - left]
+    height, width = centre.shape[-2:]
+    rows = [((height * i) // side, -(-height * (i + 1) // side)) for i in range(side)]
+    columns = [((width * i) // side, -(-width * (i + 1) // side)) for i in range(side)]
+    return torch.stack([torch.stack([centre[:, :, a:b, c:d].mean(dim=(2, 3)) for c, d in columns], -1)
+                        for a, b in rows], -2)
+
+
+def _unit_centred(rows: torch.Tensor) -> torch.Tensor:
+    rows = rows.flatten(1)
+    rows = rows - rows.mean(dim=1, keepdim=True)
+    return rows / rows.norm(dim=1, keepdim=True)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.rand(3, 3, 45, 61)  # 7 and 9 px of border cut at crop 0.7; cells of unequal size
+
+
+def test_colour_layout_matches_float64_reference(images):
+    cells = _cells(images, 5, 0.7)
+    expected = _unit_centred(cells / (cells.mean(dim=(2, 3), keepdim=True) + 0.02))
+    torch.testing.assert_close(colour_layout(images, side=5, crop=0.7).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chromaticity_layout_matches_float64_reference(images):
+    cells = _cells(images, 5, 0.7) + 0.02
+    shares = cells / cells.sum(dim=1, keepdim=True)
+    expected = _unit_centred(shares / shares.mean(dim=(2, 3), keepdim=True))
+    torch.testing.assert_close(chromaticity_layout(images, side=5, crop=0.7).double(), expected, rtol=1e-5,
+                               atol=1e-6)
+
+
+def test_shading_free_layout_matches_float64_reference(images):
+    logs = np.log(_cells(images, 6, 0.7).numpy() + 0.02).reshape(3, 3, 36)
+    y, x = np.meshgrid(np.linspace(-1, 1, 6), np.linspace(-1, 1, 6), indexing="ij")
+    basis = np.stack([np.ones(36), x.ravel(), y.ravel()], axis=1)
+    residuals = np.empty_like(logs)
+    for b in range(3):
+        for channel in range(3):
+            plane, *_ = np.linalg.lstsq(basis, logs[b, channel], rcond=None)
+            residuals[b, channel] = logs[b, channel] - basis @ plane
+    expected = _unit_centred(torch.from_numpy(residuals))
+    torch.testing.assert_close(shading_free_layout(images, side=6, crop=0.7).double(), expected, rtol=1e-4,
+                               atol=1e-5)
+
+
+def test_each_part_ignores_its_camera_change():
+    """On smooth pictures: a colourless light field (glare) barely moves the chromaticity layout,
+    a per-channel gradient linear in log barely moves the shading-free layout, per-channel gains
+    barely move the colour and shading-free layouts; the colour layout moves under the first two
+    by several times as much. Other pictures are far (about 1.2)."""
+    torch.manual_seed(1)
+    smooth, other = (0.15 + 0.7 * F.interpolate(torch.rand(4, 3, 5, 5), size=(64, 64), mode="bilinear")
+                     for _ in range(2))
+    y, x = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    glare = 1 + 0.8 * torch.exp(-((x - 0.6) ** 2 + (y - 0.4) ** 2) / (2 * 0.15 ** 2))
+    slopes = torch.tensor([[0.4, 0.1, -0.3], [-0.2, 0.3, 0.2]]).view(2, 1, 3, 1, 1)
+    gradient = torch.exp(slopes[0] * (x - 0.5) + slopes[1] * (y - 0.5))
+    gains = torch.tensor([1.2, 0.9, 0.8]).view(1, 3, 1, 1)
+
+    def moved(layout, change):
+        return (layout(smooth * change) - layout(smooth)).norm(dim=1).max().item()
+
+    assert moved(chromaticity_layout, glare) < 0.05 < 0.4 < moved(colour_layout, glare)  # about 0.014, 0.7
+    assert moved(shading_free_layout, gradient) < 0.05 < 0.2 < moved(colour_layout, gradient)  # 0.009, 0.37
+    assert max(moved(colour_layout, gains), moved(shading_free_layout, gains)) < 0.06  # 0.035, 0.008
+    for part in (colour_layout, chromaticity_layout, shading_free_layout):
+        assert (part(other) - part(smooth)).norm(dim=1).min() > 0.8
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUTS))
+def test_layout_embedding_is_its_parts_in_equal_shares(name, images):
+    got = layout_embedding(images, name)
+    parts = LAYOUTS[name]
+    assert got.shape == (3, layout_size(name)) == (3, 192 * len(parts))
+    torch.testing.assert_close(got.norm(dim=1), torch.ones(3))
+    for i, part in enumerate(parts):
+        torch.testing.assert_close(got[:, 192 * i:192 * (i + 1)], part(images) / len(parts) ** 0.5)

@@ -97,7 +97,7 @@ def test_training_lowers_the_loss_and_writes_the_run(tmp_path):
     losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 40
     assert sum(losses[-8:]) / 8 < 0.8 * sum(losses[:8]) / 8, losses
-    assert {"untrained", "trained"} <= set(results)
+    assert set(results) == {"untrained", "trained", *BASELINES}  # no layout row: --layout-weight 0
     for name in ("config.json", "checkpoint.pt", "eval.json", "loss.png", "roc.png"):
         assert (tmp_path / name).exists(), name
 
@@ -286,7 +286,7 @@ def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_ba
     config = _config(tmp_path, synthetic="mix", train_types=40, per_type=4, views=4, steps=3, real_captures=2,
                      center_optimizer="prototype", head_thumbnail=8, layout_weight=0.5)
     results = train(config, progress=False)
-    assert set(results) == {"untrained", "trained", *BASELINES}
+    assert set(results) == {"untrained", "trained", "layout", *BASELINES}
     for name, result in results.items():
         real = result["real_images"]["registration"]
         assert real["num_registered_queries"] == 2 * len(real_templates()) and real["rejection_rate"] is None, name
@@ -302,7 +302,7 @@ def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_ba
 
 def test_zero_steps_evaluates_and_writes_every_file(tmp_path):
     results = train(_config(tmp_path, steps=0), progress=False)
-    assert set(results) == {"untrained", "trained", *BASELINES}
+    assert set(results) == {"untrained", "trained", "layout", *BASELINES}
     assert all((tmp_path / name).exists() for name in ("eval.json", "checkpoint.pt", "loss.png", "roc.png"))
 
 

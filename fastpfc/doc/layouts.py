@@ -19,7 +19,6 @@ they ignore:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -54,21 +53,17 @@ def chromaticity_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: flo
     return unit_centred(shares / shares.mean(dim=(2, 3), keepdim=True))
 
 
-@functools.lru_cache(maxsize=8)
-def _plane_residual(side: int) -> torch.Tensor:
-    """[side², side²] projection that removes the least-squares plane a + b·x + c·y over the cell grid."""
-    y, x = torch.meshgrid(torch.linspace(-1, 1, side, dtype=torch.float64),
-                          torch.linspace(-1, 1, side, dtype=torch.float64), indexing="ij")
-    basis = torch.stack([torch.ones_like(x), x, y], dim=-1).reshape(-1, 3)
-    return (torch.eye(side * side, dtype=torch.float64) - basis @ torch.linalg.pinv(basis)).float()
-
-
 def shading_free_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
-    """The log of the cells, each channel's best-fitting plane over the cell grid removed, centred,
-    unit: [B, 3 * side * side] float32."""
-    logs = torch.log(central_cells(images, side, crop) + _DARK).flatten(2)  # [B, 3, side²]
-    residual = _plane_residual(side).to(logs.device)
-    return unit_centred(logs @ residual)
+    """The log of the cells, each channel's least-squares plane a + b·x + c·y over the cell grid
+    removed, centred, unit: [B, 3 * side * side] float32."""
+    logs = torch.log(central_cells(images, side, crop) + _DARK)  # [B, 3, side, side]
+    ramp = torch.arange(side, dtype=logs.dtype, device=logs.device) * (2.0 / max(side - 1, 1)) - 1.0
+    across, down = ramp.view(1, 1, 1, side), ramp.view(1, 1, side, 1)
+    # on this symmetric grid 1, x and y are orthogonal, so the plane is three separate projections
+    squares = side * (ramp * ramp).sum()
+    plane = (logs.mean(dim=(2, 3), keepdim=True) + across * (logs * across).sum(dim=(2, 3), keepdim=True) / squares
+             + down * (logs * down).sum(dim=(2, 3), keepdim=True) / squares)
+    return unit_centred(logs - plane)
 
 
 #: Layouts by the name ``--layout`` takes: the parts, weighted equally. ``colour`` is what runs

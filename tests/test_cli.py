@@ -125,7 +125,8 @@ def test_eval_without_a_folder_runs_the_real_image_check_beside_the_baselines(ch
     code, out, _ = _run(capsys, "eval", "-m", checkpoint, "--captures", "2")
     lines = out.splitlines()
     assert code == 0 and "real images" in lines[0] and "top-1" in lines[1]
-    assert [line.split()[0] for line in lines[2:]] == ["model", "raw_pixels", "colour_thumbnail", "colour_histogram"]
+    assert [line.split()[0] for line in lines[2:]] == ["model", "layout", "raw_pixels", "colour_thumbnail",
+                                                       "colour_histogram"]  # the checkpoint appends a layout
 
 
 def test_onnx_export_matches_pytorch_at_any_batch(checkpoint, onnx_model, tmp_path, monkeypatch):

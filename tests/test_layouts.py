@@ -10,6 +10,7 @@ from fastpfc.doc.layouts import (
     LAYOUTS,
     chromaticity_layout,
     colour_layout,
+    layout_baseline,
     layout_embedding,
     layout_size,
     shading_free_layout,
@@ -101,3 +102,10 @@ def test_layout_embedding_is_its_parts_in_equal_shares(name, images):
     torch.testing.assert_close(got.norm(dim=1), torch.ones(3))
     for i, part in enumerate(parts):
         torch.testing.assert_close(got[:, 192 * i:192 * (i + 1)], part(images) / len(parts) ** 0.5)
+
+
+def test_the_layout_baseline_exists_only_where_a_layout_is_appended(images):
+    assert layout_baseline(0.0, "lighting_robust") == {}
+    (name, embed), = layout_baseline(0.5, "lighting_robust").items()
+    assert name == "layout"
+    torch.testing.assert_close(embed(images), layout_embedding(images, "lighting_robust"))

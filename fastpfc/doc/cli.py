@@ -24,6 +24,7 @@ from .demo import write_demo
 from .embedders import CheckpointEmbedder, embed_paths, export_onnx, load_embedder
 from .evaluation import evaluate_embedders, registration_split, summary_table
 from .folders import ImageFolderDataset, list_images
+from .layouts import layout_baseline
 from .real_images import real_image_check
 from .registry import INDEXES, UNKNOWN, Match, Registry, label_of, labelled_images, layout_warning
 
@@ -175,7 +176,9 @@ def evaluate(args) -> int:
     else:
         data = registration_split(ImageFolderDataset(args.folder, "subfolders", embedder.image_size))
         title = args.folder
-    results = evaluate_embedders({"model": embedder, **BASELINES}, *data)
+    fixed = layout_baseline(embedder.model.layout_weight, embedder.model.layout) if isinstance(
+        embedder, CheckpointEmbedder) else {}  # an ONNX export does not say which layout it appends
+    results = evaluate_embedders({"model": embedder, **fixed, **BASELINES}, *data)
     if args.json:
         print(json.dumps({name: {k: v for k, v in result.items() if k != "roc"} for name, result in results.items()},
                          indent=2))

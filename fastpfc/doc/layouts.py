@@ -19,6 +19,7 @@ they ignore:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -85,3 +86,9 @@ def layout_embedding(images: torch.Tensor, name: str) -> torch.Tensor:
     [B, layout_size(name)] float32."""
     parts = LAYOUTS[name]
     return torch.cat([part(images) for part in parts], dim=1) / len(parts) ** 0.5
+
+
+def layout_baseline(layout_weight: float, name: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """``{"layout": layout name alone}`` when an embedding appends it (``layout_weight`` > 0), else
+    ``{}``: the floor that shows what the learned part adds to the layout."""
+    return {"layout": functools.partial(layout_embedding, name=name)} if layout_weight else {}

@@ -3,7 +3,6 @@ evaluation, and exact-resume checkpoints; one process or ``torchrun`` (DDP backb
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import math
@@ -30,7 +29,7 @@ from .embedders import model_identity
 from .evaluation import evaluate_embedders, registration_split
 from .files import write_text_atomic
 from .folders import ImageFolderDataset
-from .layouts import LAYOUTS, layout_embedding
+from .layouts import LAYOUTS, layout_baseline
 from .model import DocumentEmbedder, recalibrate_batchnorm
 from .procedural import PROCEDURAL_VERSION, SOURCES, ProceduralImages
 from .real_images import real_image_check
@@ -272,15 +271,6 @@ def evaluate(embedders: dict, config: TrainConfig) -> dict:
         for name, result in results.items():
             result["real_images"] = real[name]
     return results
-
-
-def baselines(config: TrainConfig) -> dict:
-    """The embedders that learn nothing, scored beside the trained one: :data:`BASELINES`, and
-    with ``--layout-weight`` > 0 the run's fixed layout alone (``layout``), which the trained
-    embedding appends."""
-    if not config.layout_weight:
-        return dict(BASELINES)
-    return {"layout": functools.partial(layout_embedding, name=config.layout), **BASELINES}
 
 
 def evaluate_model(model: DocumentEmbedder, config: TrainConfig, device: torch.device) -> dict:
@@ -575,7 +565,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         dist.barrier()
         return {}
     results = {"untrained": json.loads(untrained_path.read_text()),
-               "trained": evaluate_model(embedder, config, device), **evaluate(baselines(config), config)}
+               "trained": evaluate_model(embedder, config, device),
+               **evaluate(layout_baseline(config.layout_weight, config.layout) | BASELINES, config)}
     write_text_atomic(run / "eval.json", json.dumps(results, indent=2))
     _plot(run, results)
     if world > 1:

@@ -302,7 +302,7 @@ def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_ba
 
 def test_zero_steps_evaluates_and_writes_every_file(tmp_path):
     results = train(_config(tmp_path, steps=0), progress=False)
-    assert set(results) == {"untrained", "trained", "layout", *BASELINES}
+    assert set(results) == {"untrained", "trained", *BASELINES}
     assert all((tmp_path / name).exists() for name in ("eval.json", "checkpoint.pt", "loss.png", "roc.png"))
 
 

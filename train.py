@@ -3,7 +3,7 @@
 Under ``torchrun --nproc-per-node N train.py ...`` the backbone runs under DDP and the class
 centers are sharded over the ranks (``--batch-size`` is per rank).
 
-Every option is a field of ``fastpfc.doc.training.TrainConfig``; ``python train.py --help`` lists
+Every option is a field of ``fastpfc.doc.config.TrainConfig``; ``python train.py --help`` lists
 them with their defaults. A run lives in ``--run-dir`` (config, checkpoint, metrics.jsonl,
 eval.json, loss.png, roc.png); running again with the same folder resumes it exactly.
 """
@@ -13,8 +13,9 @@ import dataclasses
 
 import torch.distributed as dist
 
+from fastpfc.doc.config import TrainConfig
 from fastpfc.doc.evaluation import summary_table
-from fastpfc.doc.training import TrainConfig, train
+from fastpfc.doc.training import train
 
 
 def parse_args() -> TrainConfig:

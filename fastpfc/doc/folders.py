@@ -25,6 +25,8 @@ from .images import IMAGE_EXTENSIONS, read_image, to_tensor
 from .synthetic import capture
 
 LAYOUTS = ("per_image", "subfolders")
+#: Where ``train.py`` caches folder listings.
+LISTING_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fastpfc"
 
 
 def _walk(root: Path) -> list[str]:

@@ -12,9 +12,10 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("faiss")
 
-from fastpfc.doc.cli import main  # noqa: E402
+from fastpfc.doc.cli import DEFAULT_VIEWS, main  # noqa: E402
 from fastpfc.doc.demo import GENERATION_SUB_LABEL, write_demo  # noqa: E402
 from fastpfc.doc.embedders import CheckpointEmbedder, export_onnx  # noqa: E402
+from fastpfc.doc.registry import Registry  # noqa: E402
 from fastpfc.doc.training import TrainConfig, train  # noqa: E402
 
 from helpers import flipped_copies, load_flipped  # noqa: E402
@@ -155,6 +156,9 @@ def test_clear_errors(checkpoint, tmp_path, capsys):
     code, _, err = _run(capsys, "classify", "-m", checkpoint, "-r", registry, str(demo / "queries"))
     assert code == 2 and "does not exist; create it" in err
     assert _run(capsys, "register", "-m", checkpoint, "-r", registry, str(demo / "register"))[0] == 0
+    assert Registry.load(registry, CheckpointEmbedder(checkpoint)).views == DEFAULT_VIEWS == 8
+    code, _, err = _run(capsys, "register", "-m", checkpoint, "-r", registry, "--views", "0", str(demo / "register"))
+    assert code == 2 and "registers 8 views per image, not 0" in err
     (demo / "broken.png").write_bytes(b"not an image")
     classify = ["classify", "-m", checkpoint, "-r", registry, "--threshold", "0"]
     code, _, err = _run(capsys, *classify, str(demo / "broken.png"))

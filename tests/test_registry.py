@@ -1,5 +1,6 @@
 """The document registry: folders to labels, faiss search, incremental updates, duplicates, sub-labels."""
 
+import json
 import shutil
 
 import numpy as np
@@ -9,7 +10,8 @@ from PIL import Image
 
 pytest.importorskip("faiss")
 
-from fastpfc.doc.embedders import embed_paths  # noqa: E402
+from fastpfc.doc.embedders import embed_paths, registration_views, view_seed  # noqa: E402
+from fastpfc.doc.images import read_image  # noqa: E402
 from fastpfc.doc.registry import INDEXES, UNKNOWN, Registry, labelled_images  # noqa: E402
 
 
@@ -87,6 +89,40 @@ def test_round_trip_and_incremental_updates(tmp_path, index):
     assert len(hits) == len(loaded) == 12 and all(e.type != "type2" for _, e in hits)
     with pytest.raises(KeyError, match="type2 is not registered"):
         loaded.remove("type2")
+
+
+def test_registered_views_are_the_unit_mean_of_the_image_and_its_simulated_photos(tmp_path):
+    """``views=2``: each example is the normalised sum of the embeddings of the image (resized) and
+    two training-camera photos of it, seeded by the file's bytes (a copy elsewhere gets the same);
+    the registry keeps its views through save and load, and one saved before views reads as 0."""
+    embedder = PixelEmbedder()
+    registry = Registry(embedder, views=2)
+    registry.add_folder(_tree(tmp_path / "reg", types=2, per_type=1))
+    path = tmp_path / "reg" / "type1" / "0.png"
+    shutil.copy(path, tmp_path / "copy.png")
+    assert view_seed(path) == view_seed(tmp_path / "copy.png") != view_seed(tmp_path / "reg" / "type0" / "0.png")
+    shots = registration_views(read_image(path), 8, 2, view_seed(path))
+    assert shots.shape == (3, 3, 8, 8) and not torch.equal(shots[1], shots[2])
+    expected = torch.nn.functional.normalize(embedder(shots).sum(dim=0), dim=0)
+    row = [i for i, e in registry.entries.items() if e.source == str(path)][0]
+    np.testing.assert_allclose(registry.features[list(registry.ids).index(row)], expected.numpy(), atol=1e-6)
+    plain = embed_paths(embedder, [path])[0]
+    assert np.dot(plain, expected.numpy()) < 0.999  # the views moved it
+    registry.save(tmp_path / "reg.npz")
+    assert Registry.load(tmp_path / "reg.npz", embedder).views == 2
+    with pytest.raises(ValueError, match="views must be >= 0"):
+        Registry(embedder, views=-1)
+
+    old = Registry(embedder)  # a registry file of the format before views: no "views" in its metadata
+    old.add_folder(_tree(tmp_path / "old", types=1, per_type=1))
+    old.save(tmp_path / "old.npz")
+    with np.load(tmp_path / "old.npz") as saved:
+        arrays = dict(saved)
+    meta = json.loads(arrays["meta"].tobytes())
+    del meta["views"]
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    np.savez(tmp_path / "old.npz", **arrays)
+    assert Registry.load(tmp_path / "old.npz", embedder).views == 0
 
 
 def test_flat_search_equals_brute_force(tmp_path):

@@ -49,12 +49,17 @@ def _open_registry(args, create: bool = False) -> Registry:
         registry = Registry.load(args.registry, embedder)
         if getattr(args, "index", None) not in (None, registry.index_kind):
             raise ValueError(f"{args.registry} uses a {registry.index_kind!r} index, not {args.index!r}")
+        if getattr(args, "views", None) not in (None, registry.views):
+            raise ValueError(f"{args.registry} registers {registry.views} views per image, not {args.views}: "
+                             "its examples must all be made the same way")
         return registry
     if not create:
         raise FileNotFoundError(f"registry {args.registry} does not exist; create it with `fastpfc-doc register`")
-    return Registry(embedder, args.index or "flat")
+    return Registry(embedder, args.index or "flat", DEFAULT_VIEWS if args.views is None else args.views)
 
 
+#: Simulated photos per registered image in a new registry (see :class:`Registry`).
+DEFAULT_VIEWS = 8
 #: Up to this many labels, register lists them before it embeds.
 _LABELS_LISTED = 12
 
@@ -216,6 +221,9 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("--index", choices=INDEXES,
                      help="faiss index of a new registry: flat (exact, the default), or ivf / hnsw (approximate, "
                           "for 100k+ examples)")
+    sub.add_argument("--views", type=int, help=f"a new registry's registered example: the unit mean of the image "
+                                               f"and this many simulated photos of it (default {DEFAULT_VIEWS}; 0: "
+                                               "the image alone); a registry keeps its own")
     sub = command("remove", remove, "remove a type (with its sub-labels) or one sub-label")
     sub.add_argument("type")
     sub.add_argument("--sub-label")

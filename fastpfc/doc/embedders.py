@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from .checkpoints import read_checkpoint
-from .images import load_image
+from .images import read_image, to_tensor
 from .model import DocumentEmbedder
+from .synthetic import capture
 
 _META_PREFIX = "fastpfc."
 
@@ -210,25 +212,49 @@ def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18,
     return difference
 
 
+def view_seed(path: Path) -> int:
+    """Seed of the simulated photos of the image file ``path``: a digest of its bytes, so that the
+    same image gets the same views wherever and whenever it is registered."""
+    return int.from_bytes(hashlib.sha256(Path(path).read_bytes()).digest()[:8], "little")
+
+
+def registration_views(image: Image.Image, size: int, views: int, seed: int) -> torch.Tensor:
+    """``image`` resized to ``size`` followed by ``views`` photos of it by the training camera
+    (:func:`fastpfc.doc.synthetic.capture`, snug framing): [1 + views, 3, size, size] float in [0, 1]."""
+    shots = [image.resize((size, size), Image.BILINEAR)]
+    shots += [capture(image, seed=seed * 101 + view, size=size) for view in range(views)]
+    return torch.stack([to_tensor(shot) for shot in shots])
+
+
 class _PathImages(torch.utils.data.Dataset):
-    def __init__(self, paths: list[Path], size: int) -> None:
-        self.paths, self.size = paths, size
+    """The image files ``paths``, each as :func:`registration_views` ([1 + views, 3, size, size])."""
+
+    def __init__(self, paths: list[Path], size: int, views: int) -> None:
+        self.paths, self.size, self.views = paths, size, views
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, item: int) -> torch.Tensor:
-        return load_image(self.paths[item], self.size)
+        path = self.paths[item]
+        return registration_views(read_image(path), self.size, self.views, view_seed(path) if self.views else 0)
 
 
 def embed_paths(embedder, paths: list[Path], batch_size: int = 64, progress: bool = False,
-                workers: int = 0) -> np.ndarray:
-    """Unit embeddings ``[len(paths), D]`` float32 of the image files ``paths``."""
+                workers: int = 0, views: int = 0) -> np.ndarray:
+    """Unit embeddings ``[len(paths), D]`` float32 of the image files ``paths``. With ``views`` > 0
+    each is the unit mean of the embeddings of the image and ``views`` simulated photos of it
+    (:func:`registration_views`): a registered example nearer to how its photos will look."""
     from tqdm import tqdm
 
     if not paths:
         return np.zeros((0, embedder.dim), dtype=np.float32)
-    loader = torch.utils.data.DataLoader(_PathImages(list(paths), embedder.image_size), batch_size=batch_size,
-                                         num_workers=workers)
-    batches = [embedder(images).numpy() for images in tqdm(loader, desc="embed", disable=not progress)]
+    loader = torch.utils.data.DataLoader(_PathImages(list(paths), embedder.image_size, views),
+                                         batch_size=max(1, batch_size // (1 + views)), num_workers=workers)
+    batches = []
+    for shots in tqdm(loader, desc="embed", disable=not progress):  # [B, 1 + views, 3, S, S]
+        embeddings = embedder(shots.flatten(0, 1))
+        if views:
+            embeddings = torch.nn.functional.normalize(embeddings.view(len(shots), 1 + views, -1).sum(dim=1), dim=1)
+        batches.append(embeddings.numpy())
     return np.concatenate(batches).astype(np.float32)

@@ -150,12 +150,18 @@ def _open_registry_file(path: str | Path):
 
 
 class Registry:
-    """Registered examples of ``embedder`` (see :mod:`fastpfc.doc.embedders`) and their faiss index."""
+    """Registered examples of ``embedder`` (see :mod:`fastpfc.doc.embedders`) and their faiss index.
 
-    def __init__(self, embedder, index: str = "flat") -> None:
+    With ``views`` > 0 a registered example is the unit mean of the embeddings of its image and
+    ``views`` simulated photos of it (:func:`fastpfc.doc.embedders.registration_views`); queries
+    are embedded as they are. A registry keeps its ``views`` for every later registration."""
+
+    def __init__(self, embedder, index: str = "flat", views: int = 0) -> None:
         if index not in INDEXES:
             raise ValueError(f"unknown index {index!r}; choose one of {INDEXES}")
-        self.embedder, self.index_kind = embedder, index
+        if views < 0:
+            raise ValueError(f"views must be >= 0, got {views}")
+        self.embedder, self.index_kind, self.views = embedder, index, views
         self.entries: dict[int, Entry] = {}
         self.features = np.zeros((0, embedder.dim), dtype=np.float32)
         self.ids = np.zeros(0, dtype=np.int64)
@@ -192,7 +198,7 @@ class Registry:
                 report.duplicates.append((entry.source, earlier.source))
             else:
                 report.conflicts.append((entry.source, _label(entry), _label(earlier)))
-        features = embed_paths(self.embedder, [Path(e.source) for e in accepted], progress=progress)
+        features = embed_paths(self.embedder, [Path(e.source) for e in accepted], progress=progress, views=self.views)
         self._append(accepted, features)
         report.added = accepted
         return report
@@ -291,6 +297,7 @@ class Registry:
         path = Path(path)
         approximate = self.index_kind != "flat" and self._index is not None  # flat is rebuilt on load (cheap)
         meta = {"version": FORMAT_VERSION, "model_id": self.embedder.model_id, "index": self.index_kind,
+                "views": self.views,
                 "next_id": self._next_id, "trained_on": self._trained_on,
                 "entries": [asdict(self.entries[i]) for i in self.ids.tolist()]}
         with atomic_output(path, path.with_name(path.name + ".partial.npz")) as partial:
@@ -321,7 +328,7 @@ class Registry:
             if meta["model_id"] != embedder.model_id:
                 raise ValueError(f"{path} was built with model {meta['model_id']}, not with this model "
                                  f"({embedder.model_id}); register the folder again with this model")
-            registry = cls(embedder, meta["index"])
+            registry = cls(embedder, meta["index"], meta.get("views", 0))  # registries before views: 0
             registry.features, registry.ids = arrays["features"], arrays["ids"]
             registry.entries = {i: Entry(**e) for i, e in zip(registry.ids.tolist(), meta["entries"], strict=True)}
             registry._next_id, registry._trained_on = meta["next_id"], meta["trained_on"]

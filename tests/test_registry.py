@@ -187,6 +187,10 @@ def test_a_registry_of_another_model_is_refused(tmp_path):
     other.model_id = "pixels-v2"
     with pytest.raises(ValueError, match="built with model pixels-v1"):
         Registry.load(tmp_path / "reg.npz", other)
+    wider = PixelEmbedder()  # the same weights with a longer appended layout: same identity, more dimensions
+    wider.dim = 24
+    with pytest.raises(ValueError, match="holds 16-dimensional examples, but this model embeds in 24"):
+        Registry.load(tmp_path / "reg.npz", wider)
     with pytest.raises(ValueError, match="registry is empty"):
         Registry(other).search(np.zeros((1, 16), np.float32))
 

@@ -328,6 +328,10 @@ class Registry:
             if meta["model_id"] != embedder.model_id:
                 raise ValueError(f"{path} was built with model {meta['model_id']}, not with this model "
                                  f"({embedder.model_id}); register the folder again with this model")
+            if arrays["features"].shape[1:] != (embedder.dim,):  # same weights, another --layout
+                raise ValueError(f"{path} holds {arrays['features'].shape[1]}-dimensional examples, but this model "
+                                 f"embeds in {embedder.dim} dimensions (another layout?); register the folder "
+                                 "again with this model")
             registry = cls(embedder, meta["index"], meta.get("views", 0))  # registries before views: 0
             registry.features, registry.ids = arrays["features"], arrays["ids"]
             registry.entries = {i: Entry(**e) for i, e in zip(registry.ids.tolist(), meta["entries"], strict=True)}

@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 from .checkpoints import read_checkpoint
+from .files import file_digest
 from .images import read_image, to_tensor
 from .model import DocumentEmbedder
 from .synthetic import capture
@@ -215,7 +216,7 @@ def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18,
 def view_seed(path: Path) -> int:
     """Seed of the simulated photos of the image file ``path``: a digest of its bytes, so that the
     same image gets the same views wherever and whenever it is registered."""
-    return int.from_bytes(hashlib.sha256(Path(path).read_bytes()).digest()[:8], "little")
+    return int.from_bytes(bytes.fromhex(file_digest(path))[:8], "little")
 
 
 def registration_views(image: Image.Image, size: int, views: int, seed: int) -> torch.Tensor:

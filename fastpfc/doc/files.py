@@ -1,5 +1,5 @@
-"""Atomic file writes: a crash, a full disk or a concurrent writer never leaves a half-written file
-in place, and a failed write leaves no partial file behind."""
+"""Atomic file writes (a crash, a full disk or a concurrent writer never leaves a half-written file
+in place, and a failed write leaves no partial file behind) and file digests."""
 
 from __future__ import annotations
 
@@ -72,3 +72,8 @@ def content_digest(value) -> str:
 
     visit(value)
     return digest.hexdigest()
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of the file's bytes, hex: the same content has the same digest wherever it lies."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

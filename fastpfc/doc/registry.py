@@ -15,7 +15,6 @@ registered under two labels.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import zipfile
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .embedders import embed_paths
-from .files import atomic_output
+from .files import atomic_output, file_digest
 from .folders import list_images
 
 FORMAT_VERSION = 1
@@ -101,10 +100,6 @@ def layout_warning(items: list[tuple[Path, str, str | None]]) -> str | None:
             f"({', '.join(sorted(subs)[:5])}{', ...' if len(subs) > 5 else ''}) would become types with "
             f"{len(names)} sub-labels, {shared} of them repeated under several types; register one of those "
             f"folders (the layout is <folder>/<type>/[<sub-label>/]image), or pass --force")
-
-
-def _digest(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _label(entry: Entry) -> str:
@@ -189,7 +184,7 @@ class Registry:
         for path, doc_type, sub_label in items:
             if not doc_type or doc_type == UNKNOWN or "/" in doc_type or sub_label == "":
                 raise ValueError(f"invalid label {doc_type!r}/{sub_label!r} for {path}")
-            entry = Entry(doc_type, sub_label, str(path), _digest(Path(path)))
+            entry = Entry(doc_type, sub_label, str(path), file_digest(path))
             earlier = by_digest.get(entry.digest)
             if earlier is None:
                 by_digest[entry.digest] = entry

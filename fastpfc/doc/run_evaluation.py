@@ -76,8 +76,9 @@ class EvaluationSets:
     @functools.cached_property
     def real(self) -> tuple | None:
         config = self.config
-        return preload(*real_image_check(config.image_size, config.real_captures, config.seed)) if (
-            config.real_captures) else None
+        if not config.real_captures:
+            return None
+        return preload(*real_image_check(config.image_size, config.real_captures, config.seed))
 
 
 def evaluate(embedders: dict, sets: EvaluationSets) -> dict:

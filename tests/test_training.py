@@ -306,6 +306,21 @@ def test_zero_steps_evaluates_and_writes_every_file(tmp_path):
     assert all((tmp_path / name).exists() for name in ("eval.json", "checkpoint.pt", "loss.png", "roc.png"))
 
 
+def test_on_the_cpu_the_loaders_and_the_steps_share_the_cores_and_the_threads_are_restored(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "_cores_per_rank", lambda: 5)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert training._workers(TrainConfig(), cpu) == 2  # the steps take the other 3 cores
+    assert training._workers(TrainConfig(), cuda) == 5
+    assert training._workers(TrainConfig(workers=4), cpu) == 4
+    step_threads, append = [], training._append_metrics
+    monkeypatch.setattr(training, "_append_metrics",
+                        lambda path, record: (step_threads.append(torch.get_num_threads()), append(path, record)))
+    before = torch.get_num_threads()
+    train(_config(tmp_path, steps=2, workers=1), progress=False)
+    assert step_threads == [4, 4]  # 5 cores, one loader
+    assert torch.get_num_threads() == before
+
+
 def test_a_resume_trains_again_what_the_checkpoint_lacks_and_records_each_step_once(tmp_path, monkeypatch):
     """Steps after the last checkpoint are trained again on resume: metrics.jsonl keeps them once,
     and a line cut by the crash is dropped."""

@@ -146,11 +146,30 @@ def _start_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def _workers(config: TrainConfig) -> int:
+def _cores_per_rank() -> int:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def _workers(config: TrainConfig, device: torch.device) -> int:
+    """DataLoader workers of this rank: ``--workers``, or by default its cores (at most 8) when a
+    GPU computes the steps, and half of them when the CPU does (the other half computes; see
+    :func:`_set_step_threads`)."""
     if config.workers >= 0:
         return config.workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(0, min(8, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    cores = _cores_per_rank()
+    return min(8, cores) if device.type == "cuda" else cores // 2
+
+
+def _set_step_threads(workers: int, device: torch.device) -> int:
+    """On the CPU, compute the training steps with the cores the ``workers`` leave (at least one),
+    and return the thread count to restore afterwards. With as many threads as cores beside as
+    many loaders, the two contend: on 2 cores, one loader and one thread trained at a median of 151
+    images/s against 142 for two of each (five 60-step runs each, interleaved)."""
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, _cores_per_rank() - workers))
+    return threads
 
 
 def _teacher(config: TrainConfig, device: torch.device, progress: bool):
@@ -168,7 +187,8 @@ def _teacher(config: TrainConfig, device: torch.device, progress: bool):
     identity = {"model": config.clip_model, "weights": str(weights), "weights_bytes": weights.stat().st_size,
                 "weights_mtime_ns": weights.stat().st_mtime_ns, **data_identity}
     path = Path(config.teacher_cache or Path(config.run_dir) / "teacher.npy")
-    features = teacher_features(teacher, data, path, identity, device, workers=_workers(config), progress=progress)
+    features = teacher_features(teacher, data, path, identity, device, workers=_workers(config, device),
+                                progress=progress)
     return features, teacher.dim
 
 
@@ -330,13 +350,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
     group = config.views if config.data is None else 1
     schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, config.steps, rank, world, group)
-    loader = torch.utils.data.DataLoader(_Indexed(data), batch_sampler=schedule, num_workers=_workers(config),
+    workers = _workers(config, device)
+    loader = torch.utils.data.DataLoader(_Indexed(data), batch_sampler=schedule, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     distill = DISTILL_LOSSES.get(config.distill_loss)
     step = start
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train")
     interrupted = _StopOnInterrupt()
     last = time.perf_counter()
+    threads = _set_step_threads(workers, device)
     try:
         student.train()  # the evaluations before and after the loop switch it to eval mode
         for images, labels, items in loader:
@@ -391,6 +413,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     finally:
         bar.close()
         interrupted.restore()
+        torch.set_num_threads(threads)
     if config.precise_bn_batches > 0:
         schedule = BatchSchedule(len(data), config.batch_size, config.seed, 0, config.precise_bn_batches, rank, world,
                                  group)

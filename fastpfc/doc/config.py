@@ -65,7 +65,7 @@ class TrainConfig:
                                     "scikit-image and matplotlib); 0 skips the check")
     steps: int = _option(600, "optimizer steps")
     batch_size: int = _option(64, "images per step")
-    lr: float = _option(4e-3, "peak learning rate of the backbone and head")
+    lr: float = _option(6e-3, "peak learning rate of the backbone and head")
     freeze_backbone: bool = _option(False, "keep the backbone's initial weights (train the head only)")
     center_optimizer: str = _option("adamw", "how the class centers learn: adamw or sgd (momentum 0.9), row-sparse "
                                              "(only the sampled centers move), or prototype (each batch sets its "

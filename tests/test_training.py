@@ -152,13 +152,13 @@ def test_a_checkpoint_of_the_dense_center_optimizer_is_refused_with_a_reason(tmp
 
 
 def test_resuming_with_other_options_is_refused(tmp_path):
-    train(_config(tmp_path, steps=2), progress=False)
+    train(_config(tmp_path, steps=2, lr=4e-3), progress=False)
     config_before = (tmp_path / "config.json").read_text()
     with pytest.raises(ValueError, match=r"other options \(--lr 0.004 now 0.001\)"):
         train(_config(tmp_path, steps=4, lr=1e-3), progress=False)
     assert (tmp_path / "config.json").read_text() == config_before  # the record of the run is kept
     with pytest.warns(UserWarning, match="resuming with --steps 3 instead of 2"):
-        train(_config(tmp_path, steps=3), progress=False)
+        train(_config(tmp_path, steps=3, lr=4e-3), progress=False)
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 3
 
 

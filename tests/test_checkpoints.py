@@ -114,6 +114,22 @@ def test_a_wrong_registry_file_gets_one_line_and_status_2(files, kind, capsys):
     assert "registry" in err
 
 
+def test_the_same_weights_with_another_layout_are_another_model(files, tmp_path):
+    """The appended layout changes the embeddings, so its kind and weight are part of ``model_id``:
+    thresholds and registries of one are not used with the other."""
+    state = read_checkpoint(files["good"])
+    identities = {}
+    for layout, weight in [("colour", 0.0), ("lighting_robust", 0.0), ("lighting_robust", 0.5),
+                           ("lighting_robust", 0.4), ("colour", 0.5)]:
+        path = tmp_path / f"{layout}-{weight}" / "checkpoint.pt"
+        path.parent.mkdir()
+        save_checkpoint(path, {"model": state["model"],
+                               "config": {**state["config"], "layout": layout, "layout_weight": weight}})
+        identities[layout, weight] = CheckpointEmbedder(path, device="cpu").model_id
+    assert identities["colour", 0.0] == identities["lighting_robust", 0.0] == CheckpointEmbedder(files["good"]).model_id
+    assert len(set(identities.values())) == 4
+
+
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):
     torch.manual_seed(1), random.seed(2), np.random.seed(3)
     np.random.standard_normal()  # leaves a cached Gaussian in NumPy's state

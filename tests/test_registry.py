@@ -187,7 +187,7 @@ def test_a_registry_of_another_model_is_refused(tmp_path):
     other.model_id = "pixels-v2"
     with pytest.raises(ValueError, match="built with model pixels-v1"):
         Registry.load(tmp_path / "reg.npz", other)
-    wider = PixelEmbedder()  # the same weights with a longer appended layout: same identity, more dimensions
+    wider = PixelEmbedder()  # the same identity with more dimensions: refused by the size, before any search
     wider.dim = 24
     with pytest.raises(ValueError, match="holds 16-dimensional examples, but this model embeds in 24"):
         Registry.load(tmp_path / "reg.npz", wider)

@@ -1,9 +1,9 @@
 """Trained document embedders for inference: a ``train.py`` checkpoint or its ONNX export.
 
 Both kinds are callables ``images [B, 3, S, S] float in [0, 1] -> [B, D] float32 unit rows`` with
-the same attributes: ``image_size`` (S), ``dim`` (D), ``model_id`` (a digest of the weights, equal
-for a checkpoint and its export, so a registry built with one is usable with the other) and
-``operating_points`` (``{target FPR: threshold}`` from the run's evaluation, when known).
+the same attributes: ``image_size`` (S), ``dim`` (D), ``model_id`` (a digest of the weights and of
+the appended layout, equal for a checkpoint and its export, so a registry built with one is usable
+with the other) and ``operating_points`` (``{target FPR: threshold}`` from the run's evaluation, when known).
 :func:`load_embedder` picks the kind by file suffix.
 """
 
@@ -32,11 +32,15 @@ _META_PREFIX = "fastpfc."
 
 
 def model_identity(model: nn.Module) -> str:
-    """A digest of every parameter and buffer of ``model`` (names and bytes)."""
+    """A digest of every parameter and buffer of ``model`` (names and bytes) and, when it appends a
+    layout (a :class:`DocumentEmbedder` with ``layout_weight`` > 0), of the layout and its weight:
+    the same weights with another layout give other embeddings, so they are another model."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    if getattr(model, "layout_weight", 0):
+        digest.update(f"layout {model.layout} weight {float(model.layout_weight)!r}".encode())
     return digest.hexdigest()[:20]
 
 

@@ -14,7 +14,7 @@ from fastpfc.doc.procedural import (  # noqa: E402
     _ifs,
     fractal_art,
 )
-from fastpfc.doc.training import BatchSchedule  # noqa: E402
+from fastpfc.doc.training_data import BatchSchedule  # noqa: E402
 
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("timm")
 
+import fastpfc.doc.ranks as ranks  # noqa: E402
 import fastpfc.doc.training as training  # noqa: E402
 from fastpfc.doc.baselines import BASELINES  # noqa: E402
 from fastpfc.doc.layouts import colour_layout, layout_embedding  # noqa: E402
@@ -307,13 +308,13 @@ def test_zero_steps_evaluates_and_writes_every_file(tmp_path):
 
 
 def test_on_the_cpu_the_loaders_and_the_steps_share_the_cores_and_the_threads_are_restored(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "_cores_per_rank", lambda: 5)
+    monkeypatch.setattr(ranks, "cores_per_rank", lambda: 5)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert training._workers(TrainConfig(), cpu) == 2  # the steps take the other 3 cores
-    assert training._workers(TrainConfig(), cuda) == 5
-    assert training._workers(TrainConfig(workers=4), cpu) == 4
-    step_threads, append = [], training._append_metrics
-    monkeypatch.setattr(training, "_append_metrics",
+    assert ranks.loader_workers(TrainConfig(), cpu) == 2  # the steps take the other 3 cores
+    assert ranks.loader_workers(TrainConfig(), cuda) == 5
+    assert ranks.loader_workers(TrainConfig(workers=4), cpu) == 4
+    step_threads, append = [], training.append_metrics
+    monkeypatch.setattr(training, "append_metrics",
                         lambda path, record: (step_threads.append(torch.get_num_threads()), append(path, record)))
     before = torch.get_num_threads()
     train(_config(tmp_path, steps=2, workers=1), progress=False)

@@ -1,18 +1,17 @@
 """Training of the document embedder with PartialFCLoss (and optional CLIP distillation) and
 exact-resume checkpoints; one process or ``torchrun`` (DDP backbone, sharded centers). The options
-are :mod:`fastpfc.doc.config`'s, the evaluations :mod:`fastpfc.doc.run_evaluation`'s."""
+are :mod:`fastpfc.doc.config`'s, the data and batches :mod:`fastpfc.doc.training_data`'s, the
+processes and cores :mod:`fastpfc.doc.ranks`', the run folder's records
+:mod:`fastpfc.doc.run_records`' and the evaluations :mod:`fastpfc.doc.run_evaluation`'s."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import signal
 import time
 import warnings
 from dataclasses import asdict
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -27,12 +26,12 @@ from .checkpoints import check_resumable, read_checkpoint, save_checkpoint, set_
 from .config import CENTER_OPTIMIZERS, TrainConfig, check_config
 from .distill import DISTILL_LOSSES, ClipTeacher, teacher_features
 from .files import write_text_atomic
-from .folders import LISTING_CACHE, ImageFolderDataset
 from .layouts import layout_baseline
 from .model import DocumentEmbedder, recalibrate_batchnorm
-from .procedural import PROCEDURAL_VERSION, ProceduralImages
+from .ranks import agree, loader_workers, set_step_threads, start_distributed
 from .run_evaluation import EvaluationSets, evaluate, evaluate_model
-from .synthetic import GENERATOR_VERSION, SyntheticDocuments
+from .run_records import append_metrics, plot_run, read_json, truncate_metrics
+from .training_data import BatchSchedule, IndexedItems, training_data
 
 
 @torch.no_grad()
@@ -64,59 +63,6 @@ def warmup_then_decay(config: TrainConfig):
     return factor
 
 
-class BatchSchedule:
-    """The batches of every step, a function of (seed, step) alone: resuming at step k replays
-    exactly what an uninterrupted run would have drawn. Each epoch is a new permutation and a new
-    capture of every document (the ``draw``). With ``world`` ranks a step's global batch holds
-    ``world * batch_size`` items and rank ``rank`` takes its slice. With ``group`` > 1 the
-    permutation moves runs of ``group`` consecutive items together (the views of one class)."""
-
-    def __init__(self, num_items: int, batch_size: int, seed: int, start: int, stop: int,
-                 rank: int = 0, world: int = 1, group: int = 1) -> None:
-        if num_items < batch_size * world:
-            raise ValueError(f"the training set has {num_items} items, fewer than one global batch of "
-                             f"{world} x {batch_size}")
-        self.num_items, self.batch_size, self.seed, self.start, self.stop = num_items, batch_size, seed, start, stop
-        self.group = group
-        self.per_epoch = num_items // (batch_size * world)
-        self.offset = rank * batch_size
-        self.global_batch = batch_size * world
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-    def __iter__(self):
-        epoch_of_order, order = None, None
-        for step in range(self.start, self.stop):
-            epoch, position = divmod(step, self.per_epoch)
-            if epoch != epoch_of_order:  # one permutation per epoch, not per step
-                generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-                groups = torch.randperm(self.num_items // self.group, generator=generator)
-                epoch_of_order, order = epoch, (groups[:, None] * self.group + torch.arange(self.group)).flatten()
-            first = position * self.global_batch + self.offset
-            yield [(int(i), epoch) for i in order[first:first + self.batch_size]]
-
-
-def training_data(config: TrainConfig, image_size: int | None = None):
-    """The training set at ``image_size`` (default ``--image-size``) and a description of its
-    content (for the teacher cache): an image folder (``--data``, camera-capture augmented) or the
-    built-in synthetic documents."""
-    size = image_size or config.image_size
-    if config.data is not None:
-        data = ImageFolderDataset(config.data, config.data_layout, size, LISTING_CACHE, augment=True,
-                                  framing=config.framing)
-        listing = hashlib.sha1("\n".join(data.paths).encode()).hexdigest()
-        return data, {"folder": str(Path(config.data).resolve()), "layout": config.data_layout, "listing": listing,
-                      "framing": config.framing}
-    identity = {"synthetic": [config.synthetic, config.train_types, config.per_type, config.seed, config.clean_views],
-                "generator": [GENERATOR_VERSION, PROCEDURAL_VERSION], "framing": config.framing}
-    if config.synthetic == "documents":
-        return SyntheticDocuments(config.train_types, config.per_type, "train", size, config.seed,
-                                  framing=config.framing), identity
-    return ProceduralImages(config.train_types, config.per_type, config.synthetic, size, config.seed,
-                            config.clean_views, config.framing), identity
-
-
 class Student(nn.Module):
     """The embedder plus, when distilling, a bias-free projection of its embedding to the teacher's
     dimension. ``forward`` gives ``(embeddings [B, D], projections [B, T] or None)``."""
@@ -129,47 +75,6 @@ class Student(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         embeddings = self.embedder(images)
         return embeddings, (self.projection(embeddings) if self.projection is not None else None)
-
-
-def _start_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device); joins the process group when started by ``torchrun``."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
-    if not dist.is_initialized():
-        # rank 0 evaluates while the others wait: allow more than NCCL's default 10 minutes
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=2))
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def _cores_per_rank() -> int:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-def _workers(config: TrainConfig, device: torch.device) -> int:
-    """DataLoader workers of this rank: ``--workers``, or by default its cores (at most 8) when a
-    GPU computes the steps, and half of them when the CPU does (the other half computes; see
-    :func:`_set_step_threads`)."""
-    if config.workers >= 0:
-        return config.workers
-    cores = _cores_per_rank()
-    return min(8, cores) if device.type == "cuda" else cores // 2
-
-
-def _set_step_threads(workers: int, device: torch.device) -> int:
-    """On the CPU, compute the training steps with the cores the ``workers`` leave (at least one),
-    and return the thread count to restore afterwards. With as many threads as cores beside as
-    many loaders, the two contend: on 2 cores, one loader and one thread trained at a median of 151
-    images/s against 142 for two of each (five 60-step runs each, interleaved)."""
-    threads = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, _cores_per_rank() - workers))
-    return threads
 
 
 def _teacher(config: TrainConfig, device: torch.device, progress: bool):
@@ -187,7 +92,7 @@ def _teacher(config: TrainConfig, device: torch.device, progress: bool):
     identity = {"model": config.clip_model, "weights": str(weights), "weights_bytes": weights.stat().st_size,
                 "weights_mtime_ns": weights.stat().st_mtime_ns, **data_identity}
     path = Path(config.teacher_cache or Path(config.run_dir) / "teacher.npy")
-    features = teacher_features(teacher, data, path, identity, device, workers=_workers(config, device),
+    features = teacher_features(teacher, data, path, identity, device, workers=loader_workers(config, device),
                                 progress=progress)
     return features, teacher.dim
 
@@ -218,7 +123,7 @@ def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn,
         step = state["step"]
     except Exception as caught:  # noqa: BLE001 - whatever it is, every rank must learn of it
         error = caught
-    failed, low, high = _agree([error is not None, -step, step], world, device)
+    failed, low, high = agree([error is not None, -step, step], world, device)
     if error is not None:
         raise error
     if failed:
@@ -227,62 +132,6 @@ def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn,
         raise ValueError(f"the ranks' checkpoints in {path.parent} hold different steps ({-low} to {high}): the "
                          "run stopped while saving; resume needs every rank's file of one step")
     return step
-
-
-def _read_json(path: Path) -> dict | None:
-    """The content of a JSON file, or ``None`` when it is missing or unreadable (cut by a crash)."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-
-
-def _read_metrics(path: Path) -> list[dict]:
-    """The records of ``metrics.jsonl``; lines cut short by a crash are left out."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep the records up to ``step``, the checkpoint a resume starts from: the steps after it
-    are trained (and recorded) again."""
-    if path.exists():
-        kept = [r for r in _read_metrics(path) if r["step"] <= step]
-        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _agree(values: list[int], world: int, device: torch.device) -> list[int]:
-    """Each value's maximum over the ranks (for flags: OR), so that every rank takes the same decision."""
-    if world == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.int64, device=device)  # NCCL reduces CUDA tensors only
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
-
-
-class _Indexed(torch.utils.data.Dataset):
-    """``dataset``'s (image, label) plus the item's index, for the teacher feature lookup."""
-
-    def __init__(self, dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
-        return *self.dataset[item], item[0]
 
 
 def train(config: TrainConfig, progress: bool = True) -> dict:
@@ -296,7 +145,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     check_config(config)
-    rank, world, device = _start_distributed()
+    rank, world, device = start_distributed()
     lead = rank == 0
     progress = progress and lead
     run = Path(config.run_dir)
@@ -328,18 +177,18 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         raise ValueError(f"{other_layout[0]} was written by a run with {'more than ' if world == 1 else ''}one "
                          f"process; resume with the same number of processes, or start a new --run-dir")
     untrained_path, evaluation_sets = run / "eval_untrained.json", EvaluationSets(config)
-    some_have, some_lack = _agree([checkpoint.exists(), not checkpoint.exists()], world, device)
+    some_have, some_lack = agree([checkpoint.exists(), not checkpoint.exists()], world, device)
     if some_have and some_lack:
         raise ValueError(f"some ranks find their checkpoint in {run} and others do not: a resume needs the "
                          "same number of processes as the run that saved it (and all its checkpoint-rank*.pt)")
     if some_have:
-        if lead and _read_json(untrained_path) is None:  # the network still has its initial weights here
+        if lead and read_json(untrained_path) is None:  # the network still has its initial weights here
             warnings.warn(f"{untrained_path} is missing or unreadable: evaluating the untrained network again",
                           stacklevel=2)
             write_text_atomic(untrained_path, json.dumps(evaluate_model(embedder, evaluation_sets, device)))
         start = _load_checkpoint(checkpoint, config, student, loss_fn, optimizers, schedulers, world, device)
         if lead:
-            _truncate_metrics(run / "metrics.jsonl", start)
+            truncate_metrics(run / "metrics.jsonl", start)
     elif lead:
         write_text_atomic(untrained_path, json.dumps(evaluate_model(embedder, evaluation_sets, device)))
     if lead:
@@ -350,15 +199,15 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
 
     group = config.views if config.data is None else 1
     schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, config.steps, rank, world, group)
-    workers = _workers(config, device)
-    loader = torch.utils.data.DataLoader(_Indexed(data), batch_sampler=schedule, num_workers=workers,
+    workers = loader_workers(config, device)
+    loader = torch.utils.data.DataLoader(IndexedItems(data), batch_sampler=schedule, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     distill = DISTILL_LOSSES.get(config.distill_loss)
     step = start
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train")
     interrupted = _StopOnInterrupt()
     last = time.perf_counter()
-    threads = _set_step_threads(workers, device)
+    threads = set_step_threads(workers, device)
     try:
         student.train()  # the evaluations before and after the loop switch it to eval mode
         for images, labels, items in loader:
@@ -386,7 +235,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                           "teacher_cos": torch.cosine_similarity(projections.detach().float(), targets).mean()}
             total, *values = torch.stack([loss, *parts.values()]).detach().tolist()  # one host sync per step
             record = dict(zip(parts, values, strict=True))
-            non_finite, stop = _agree([not math.isfinite(total), interrupted.requested], world, device)
+            non_finite, stop = agree([not math.isfinite(total), interrupted.requested], world, device)
             if non_finite:
                 raise FloatingPointError(f"the loss is not finite at step {step} ({record}); stopped without "
                                          f"saving, the last checkpoint ({checkpoint}) is as it was")
@@ -402,7 +251,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             rate = world * len(labels) / (now - last)  # wall clock, data loading included
             last = now
             if lead:
-                _append_metrics(run / "metrics.jsonl", {"step": step, "loss": total, **record,
+                append_metrics(run / "metrics.jsonl", {"step": step, "loss": total, **record,
                                                         "lr": schedulers[0].get_last_lr()[0], "images_per_s": rate})
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}", lr=f"{schedulers[0].get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
@@ -427,7 +276,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                "trained": evaluate_model(embedder, evaluation_sets, device),
                **evaluate(layout_baseline(config.layout_weight, config.layout) | BASELINES, evaluation_sets)}
     write_text_atomic(run / "eval.json", json.dumps(results, indent=2))
-    _plot(run, results)
+    plot_run(run, results)
     if world > 1:
         dist.barrier()
     return results
@@ -450,31 +299,3 @@ class _StopOnInterrupt:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def _plot(run: Path, results: dict) -> None:
-    """loss.png (the training curve) and roc.png (untrained vs trained), when matplotlib is there."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    records = _read_metrics(run / "metrics.jsonl")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    steps = [r["step"] for r in records]
-    ax.plot(steps, [r["loss"] for r in records], label="loss")
-    ax.set(xlabel="step", ylabel="loss", title="training loss and learning rate")
-    lr_axis = ax.twinx()
-    lr_axis.plot(steps, [r["lr"] for r in records], color="tab:orange", label="learning rate")
-    lr_axis.set_ylabel("learning rate (backbone)")
-    lines = ax.get_lines() + lr_axis.get_lines()
-    ax.legend(lines, [line.get_label() for line in lines], loc="best")
-    fig.tight_layout()
-    fig.savefig(run / "loss.png", dpi=100)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, result in results.items():
-        tpr_at = result["verification"]["points"][1]["tpr"]
-        ax.plot(result["roc"]["fpr"], result["roc"]["tpr"], label=f"{name} (TPR@1e-4 = {tpr_at:.3f})")
-    ax.set(xscale="log", xlim=(1e-5, 1), xlabel="FPR", ylabel="TPR", title="ROC, unseen document types")
-    ax.legend()
-    fig.savefig(run / "roc.png", dpi=100)
-    plt.close("all")

@@ -85,7 +85,8 @@ class TrainConfig:
                                               "reused by runs with the same teacher and data")
     distill_loss: str = _option("cosine", "distillation loss: cosine or kl (the recipe's, nearly flat)")
     distill_weight: float = _option(1.0, "weight of the distillation loss next to the PartialFC loss")
-    channels_last: bool = _option(False, "channels_last memory format for the backbone")
+    channels_last: bool = _option(True, "channels_last memory format for the network and its input (on the 2-core "
+                                        "CPU 11% more images/s, five pairs of runs; --no-channels-last: off)")
     compile: bool = _option(False, "torch.compile the network")
     workers: int = _option(-1, "DataLoader worker processes per rank (-1: this rank's share of the CPU cores, at "
                                "most 8, when a GPU trains; half of it when the CPU trains, the steps using the rest)")

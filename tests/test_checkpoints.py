@@ -2,6 +2,7 @@
 and every fastpfc-doc subcommand answers a wrong file with one line and exit status 2."""
 
 import errno
+import json
 import os
 import random
 from pathlib import Path
@@ -128,6 +129,12 @@ def test_the_same_weights_with_another_layout_are_another_model(files, tmp_path)
         identities[layout, weight] = CheckpointEmbedder(path, device="cpu").model_id
     assert identities["colour", 0.0] == identities["lighting_robust", 0.0] == CheckpointEmbedder(files["good"]).model_id
     assert len(set(identities.values())) == 4
+    points = [{"target_fpr": 1e-4, "threshold": 0.8, "reliable": True}]
+    other = tmp_path / "lighting_robust-0.4"  # its eval.json of the same weights at layout weight 0.5
+    (other / "eval.json").write_text(json.dumps(
+        {"trained": {"model_id": identities["lighting_robust", 0.5], "verification": {"points": points}}}))
+    with pytest.warns(UserWarning, match="evaluated another model .* another layout"):
+        assert CheckpointEmbedder(other / "checkpoint.pt", device="cpu").operating_points == {}
 
 
 def test_rng_states_round_trip_through_a_weights_only_file(tmp_path):

@@ -45,15 +45,16 @@ def model_identity(model: nn.Module) -> str:
 
 
 def _operating_points(eval_json: Path, model_id: str) -> dict[float, float]:
-    """``{target FPR: threshold}`` from a ``train.py`` eval.json, when it evaluated these very
-    weights (its ``model_id``); ``{}`` otherwise."""
+    """``{target FPR: threshold}`` from a ``train.py`` eval.json, when it evaluated this very
+    model (its ``model_id``); ``{}`` otherwise."""
     if not eval_json.exists():
         return {}
     try:
         trained = json.loads(eval_json.read_text())["trained"]
         if trained.get("model_id") != model_id:
-            warnings.warn(f"{eval_json} evaluated other weights than the checkpoint beside it; its thresholds are "
-                          "not used (evaluate this checkpoint with `fastpfc-doc eval`, or pass --threshold)",
+            warnings.warn(f"{eval_json} evaluated another model than the checkpoint beside it (other weights, "
+                          "another layout, or a model id of an earlier version); its thresholds are not used "
+                          "(evaluate this checkpoint with `fastpfc-doc eval`, or pass --threshold)",
                           stacklevel=3)
             return {}
         return {float(p["target_fpr"]): float(p["threshold"]) for p in trained["verification"]["points"]

@@ -154,33 +154,37 @@ def main() -> None:
             medians[variant] = time_step(make_step(variant, case, device), args.rounds)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        lines += [f"## {case.name}", "", "| variant | ms | × loss alone | held MB | step peak MB | total MB |",
-                  "|---|---:|---:|---:|---:|---:|"]
+        table = [f"## {case.name}", "", "| variant | ms | × loss alone | held MB | step peak MB | total MB |",
+                 "|---|---:|---:|---:|---:|---:|"]
         for variant, seconds in medians.items():
             held, peak = (value / 2**20 for value in memory(variant, case).values())
-            lines.append(f"| {variant} | {1e3 * seconds:.1f} | {seconds / medians['loss']:.2f} | {held:,.0f} | "
+            table.append(f"| {variant} | {1e3 * seconds:.1f} | {seconds / medians['loss']:.2f} | {held:,.0f} | "
                          f"{peak:,.0f} | {held + peak:,.0f} |")
-        lines += ["", "held: centers and optimizer state between steps; step peak: above that during a step "
+        table += ["", "held: centers and optimizer state between steps; step peak: above that during a step "
                   "(measured in a fresh process).", ""]
+        print("\n".join(table), flush=True)  # each case as soon as it is measured: a timeout keeps it
+        lines += table
     budget = args.capacity_gb * 1e9
     sizes = (100_000, 400_000) if device.type == "cpu" else (1_000_000, 4_000_000)
-    lines += [f"## Largest C at D=512, sample rate 0.1, B=1024, in {args.capacity_gb:g} GB", "",
-              f"Memory of a training step (centers + optimizer state + the step's peak), fitted from C = "
-              f"{sizes[0]:,} and {sizes[1]:,} measured on {description}.", "",
-              "| variant | bytes per class | fixed MB | largest C |", "|---|---:|---:|---:|"]
+    capacity = [f"## Largest C at D=512, sample rate 0.1, B=1024, in {args.capacity_gb:g} GB", "",
+                f"Memory of a training step (centers + optimizer state + the step's peak), fitted from C = "
+                f"{sizes[0]:,} and {sizes[1]:,} measured on {description}.", "",
+                "| variant | bytes per class | fixed MB | largest C |", "|---|---:|---:|---:|"]
     for variant in ("sparse-sgd", "sparse-adamw", "dense-sgd", "dense-adamw"):
         slope, fixed = bytes_per_class(variant, 1024, 512, 0.1, sizes)
-        lines.append(f"| {variant} | {slope:,.0f} | {fixed / 2**20:,.0f} | {(budget - fixed) / slope / 1e6:.1f}M |")
+        capacity.append(f"| {variant} | {slope:,.0f} | {fixed / 2**20:,.0f} | {(budget - fixed) / slope / 1e6:.1f}M |")
         if args.confirm and device.type == "cuda" and variant.startswith("sparse"):  # 95% of it must train
             total = torch.cuda.get_device_properties(device).total_memory
             classes = int(0.95 * (total - fixed) / slope)
             fits = memory(variant, UpdateCase(1024, 512, classes, 0.1))["held_bytes"] is not None
-            lines.append(f"| {variant}: a step at C = {classes:,} on this device | | | "
-                         f"{'trains' if fits else 'out of memory'} |")
+            capacity.append(f"| {variant}: a step at C = {classes:,} on this device | | | "
+                            f"{'trains' if fits else 'out of memory'} |")
+    print("\n".join(capacity))
+    lines += capacity
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"center-update-{slug}.md"
     path.write_text("\n".join(lines) + "\n")
-    print(path.read_text())
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

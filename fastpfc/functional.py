@@ -28,17 +28,18 @@ import torch
 
 from .margins import Margin
 from .normalize import inv_norms, normalize_backward
-from .validation import check_sample, check_shapes, check_values, flat_labels
+from .validation import TRITON_DTYPES, check_sample, check_shapes, check_values, flat_labels
 
 #: Backend name -> module; imported on first use, so the torch backend works without Triton.
 BACKENDS: dict[str, str] = {"torch": "fastpfc.torch_backend", "triton": "fastpfc.triton_backend"}
 REDUCTIONS = ("mean", "sum", "none")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``'auto'`` is Triton for CUDA tensors and torch otherwise; other names are checked."""
+def resolve_backend(backend: str, device: torch.device, *dtypes: torch.dtype) -> str:
+    """``'auto'`` is Triton for CUDA tensors whose ``dtypes`` are all fp32/fp16/bf16, and torch
+    otherwise (the CPU, and float64 anywhere); other names are checked."""
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and all(d in TRITON_DTYPES for d in dtypes) else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}")
     return backend
@@ -162,7 +163,8 @@ def margin_softmax(
     """
     check_memory_budget(memory_budget)
     check_filter_threshold(interclass_filtering_threshold)
-    module = importlib.import_module(BACKENDS[resolve_backend(backend, embeddings.device)])
+    name = resolve_backend(backend, embeddings.device, embeddings.dtype, weight.dtype)
+    module = importlib.import_module(BACKENDS[name])
     # With filtering nothing is stored: a stored numerator cannot tell the backward it was filtered.
     filtering = interclass_filtering_threshold > 0
     options = StepOptions(0 if filtering else memory_budget, sparse_grad, interclass_filtering_threshold or None)

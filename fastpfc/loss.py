@@ -67,7 +67,8 @@ class PartialFCLoss(nn.Module):
             in all (per shard when sharded). ``1.0`` is the exact full softmax, with no sampling
             work at all.
         reduction: ``'mean'``, ``'sum'`` or ``'none'``.
-        backend: ``'auto'`` (Triton for CUDA tensors, torch otherwise), ``'triton'`` or ``'torch'``.
+        backend: ``'auto'`` (Triton for fp32/fp16/bf16 CUDA tensors, torch otherwise: the CPU,
+            float64), ``'triton'`` or ``'torch'``.
         validate: check label range and finite embeddings on every call (one host sync), and that
             the loss is finite (a second one), naming the centers with NaN/Inf if they are the cause.
         seed: seeds the initial centers and the sampling generator; ``None`` draws one from the

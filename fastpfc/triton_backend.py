@@ -31,8 +31,7 @@ from .softmax_blocks import (
     grad_from_numerators,
     scatter_target,
 )
-
-_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from .validation import TRITON_DTYPES
 
 
 def check_tensors(x: torch.Tensor, weight: torch.Tensor) -> None:
@@ -43,7 +42,7 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor) -> None:
             "fastpfc is imported to run the kernels on the CPU (slow); use backend='torch' on the CPU"
         )
     for name, tensor in (("embeddings", x), ("weight", weight)):
-        if tensor.dtype not in _SUPPORTED_DTYPES:
+        if tensor.dtype not in TRITON_DTYPES:
             raise TypeError(f"backend='triton' supports fp32/fp16/bf16 {name}, got {tensor.dtype}; "
                             "use backend='torch' for float64")
 

@@ -6,7 +6,9 @@ import numbers
 
 import torch
 
-_EMBEDDING_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+#: The dtypes the Triton kernels take; backend 'auto' sends float64 to the torch backend.
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_EMBEDDING_DTYPES = (*TRITON_DTYPES, torch.float64)
 
 
 def flat_labels(labels):

@@ -17,10 +17,11 @@ timeout 60 python3 -m torch.distributed.run --standalone --nproc_per_node=1 exam
 timeout 60 python3 examples/distributed_demo.py
 
 echo "== loss + center update (row-sparse optimizers against torch.optim), bytes per class"
-timeout 150 python3 -m benchmarks.center_update --rounds 10 2>&1 | tail -25
-cp benchmarks/results/center-update-*.md "$OUT/" 2>/dev/null
+timeout 150 python3 -m benchmarks.center_update --rounds 10 2>&1  # prints each case as it is measured
+find benchmarks/results -type f -newer "$OUT/tests.log" -exec cp {} "$OUT/" \;
 
 echo "== quick benchmark report"
-timeout 240 python3 -m benchmarks.report --quick --no-capacity 2>&1 | tail -15
-cp benchmarks/results/*.md benchmarks/results/*.png "$OUT/" 2>/dev/null
+timeout 240 python3 -m benchmarks.report --quick --no-capacity 2>&1
+# only what this run wrote: the device tool brings back at most 8 files
+find benchmarks/results -type f -newer "$OUT/tests.log" -exec cp {} "$OUT/" \;
 cat benchmarks/results/nvidia-*.md 2>/dev/null

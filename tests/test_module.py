@@ -118,10 +118,15 @@ def test_state_dict_resumes_sampling_exactly():
 
 
 def test_backend_selection():
-    assert resolve_backend("auto", torch.device("cpu")) == "torch"
-    assert resolve_backend("auto", torch.device("cuda", 0)) == "triton"
+    """'auto': Triton for CUDA tensors in fp32/fp16/bf16, torch on the CPU and for float64 anywhere."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert resolve_backend("auto", cpu, torch.float32, torch.float32) == "torch"
+    assert resolve_backend("auto", cuda, torch.bfloat16, torch.float32) == "triton"
+    assert resolve_backend("auto", cuda, torch.float64, torch.float64) == "torch"
+    assert resolve_backend("auto", cuda, torch.float32, torch.float64) == "torch"
+    assert resolve_backend("triton", cuda, torch.float64, torch.float64) == "triton"  # named: taken as named
     with pytest.raises(ValueError, match="unknown backend"):
-        resolve_backend("cuda", torch.device("cpu"))
+        resolve_backend("cuda", cpu, torch.float32)
 
 
 def test_training_on_separable_data_improves_accuracy():

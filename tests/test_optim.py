@@ -252,8 +252,8 @@ def test_bad_arguments_are_named():
         SparseSGD([torch.nn.Parameter(torch.randn(5, 2))], lr=0.1, nesterov=True)
     with pytest.raises(ValueError, match="betas"):
         SparseAdamW([torch.nn.Parameter(torch.randn(5, 2))], betas=(0.9, 1.0))
-    wide = torch.nn.Parameter(torch.randn(5, 2, dtype=torch.float64))
-    wide.grad = torch.randn(5, 2, dtype=torch.float64)
+    wide = torch.nn.Parameter(torch.randn(5, 2, dtype=torch.float64, device=DEVICE))
+    wide.grad = torch.randn(5, 2, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="fused=True updates fp32/fp16/bf16"):
         SparseAdamW([wide], fused=True).step()
     param = torch.nn.Parameter(torch.randn(5, 2))

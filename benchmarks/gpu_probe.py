@@ -8,7 +8,9 @@ At the headline shape (B=1024, D=512, 400k classes, bf16 embeddings; fp32 and bf
 3. one training step (forward + backward) of fastpfc (``memory_budget`` 0 and everything stored),
    of the eager reference and of the ``torch.compile``d reference: median time, peak extra
    memory, and whether fastpfc is bitwise the same run to run;
-4. fastpfc and the reference at C = 1M and 2M.
+4. a ``torch.profiler`` breakdown of a fastpfc step: its wall time against the device time of its
+   kernels, and the largest kernels (is the step waiting on the host?);
+5. fastpfc and the reference at C = 1M and 2M.
 
 Each measurement is appended to ``DIR/probe.jsonl`` as soon as it is taken (a timeout keeps what
 was measured); ``DIR/probe.md`` is the table of them all. Steps that would start after
@@ -148,8 +150,8 @@ def kernel_times(k: dict, config: TileConfig, device: torch.device, reps: int) -
                     "config": None if config is None else config.__dict__}
 
 
-def training_step(impl: str, shape: dict, weight_dtype: torch.dtype, device: torch.device, reps: int) -> dict:
-    """Median ms and peak extra bytes of forward + backward of ``impl`` (fastpfc: also bitwise)."""
+def make_step(impl: str, shape: dict, weight_dtype: torch.dtype, device: torch.device) -> Callable[[], tuple]:
+    """One forward + backward of ``impl`` on fresh inputs; returns ``(loss, x.grad, w.grad)``."""
     gen = torch.Generator(device=device).manual_seed(1)
     batch, dim, classes = shape["batch"], shape["dim"], shape["classes"]
     x = torch.randn(batch, dim, generator=gen, device=device).bfloat16().requires_grad_()
@@ -170,9 +172,15 @@ def training_step(impl: str, shape: dict, weight_dtype: torch.dtype, device: tor
         loss.backward()
         return loss.detach(), x.grad, w.grad
 
+    return step
+
+
+def training_step(impl: str, shape: dict, weight_dtype: torch.dtype, device: torch.device, reps: int) -> dict:
+    """Median ms and peak extra bytes of forward + backward of ``impl`` (fastpfc: also bitwise)."""
+    step = make_step(impl, shape, weight_dtype, device)
     first = step()  # warm-up: compilation, first-use buffers
     result = {"ms": median_ms(step, device, reps)}
-    result["tflops_6bcd"] = 6 * batch * classes * dim / result["ms"] / 1e9
+    result["tflops_6bcd"] = 6 * shape["batch"] * shape["classes"] * shape["dim"] / result["ms"] / 1e9
     if device.type == "cuda":
         result["peak_mb"] = peak_memory(step, device)[1] / 2**20
     if impl.startswith("fastpfc"):
@@ -180,14 +188,43 @@ def training_step(impl: str, shape: dict, weight_dtype: torch.dtype, device: tor
     return result
 
 
+def step_profile(shape: dict, device: torch.device, reps: int, top: int = 12) -> dict:
+    """Where a fastpfc step (fp32 centers) spends its time, by ``torch.profiler`` over ``reps`` steps:
+    per step, the wall time, the device time of all kernels (on a CPU: of all ops, self time) and
+    the ``top`` largest by name. Device time well under the wall time means the step waits on the host."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = make_step("fastpfc", shape, torch.float32, device)
+    step()
+    synchronize(device)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        start = time.perf_counter()
+        for _ in range(reps):
+            step()
+        synchronize(device)
+        wall = time.perf_counter() - start
+    events = [e for e in prof.key_averages() if not cuda or e.device_type.name == "CUDA"]  # kernels, not ops
+    times = sorted(((e.self_device_time_total if cuda else e.self_cpu_time_total) / 1e3 / reps, e.count // reps,
+                    e.key[:80]) for e in events)
+    times = [t for t in times if t[0] > 0]
+    return {"wall_ms": 1e3 * wall / reps, "kernels_ms": sum(ms for ms, _, _ in times),
+            "top": [{"ms": round(ms, 4), "calls": calls, "name": name} for ms, calls, name in times[::-1][:top]]}
+
+
 def markdown(path: Path) -> str:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
-    keys = sorted({k for r in rows for k in r} - {"step", "config"})
+    keys = sorted({k for r in rows for k in r} - {"step", "config", "top"})
     lines = ["| step | " + " | ".join(keys) + " | config |", "|---" * (len(keys) + 2) + "|"]
     for r in rows:
         cells = [r.get(k, "") for k in keys]
         cells = [f"{v:.4g}" if isinstance(v, float) else str(v) for v in cells]
         lines.append(f"| {r['step']} | " + " | ".join(cells) + f" | {r.get('config', '')} |")
+    for r in rows:
+        if r.get("top"):
+            lines += ["", f"Largest kernels of a {r['impl']} step (ms per step, calls per step):", "",
+                      "| ms | calls | kernel |", "|---:|---:|---|"]
+            lines += [f"| {k['ms']:.4g} | {k['calls']} | `{k['name']}` |" for k in r["top"]]
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
         for impl in impls:
             probe.run("step", lambda impl=impl, wd=weight_dtype: training_step(impl, shape, wd, device, reps),
                       impl=impl, weight=str(weight_dtype), classes=shape["classes"])
+    probe.run("profile", lambda: step_profile(shape, device, reps), impl="fastpfc", weight=str(torch.float32),
+              classes=shape["classes"])
     for classes in ((600, 1200) if dry else LARGE_CLASSES):
         for impl in ("fastpfc", "reference"):
             probe.run("step", lambda impl=impl, c=classes: training_step(impl, shape | {"classes": c},

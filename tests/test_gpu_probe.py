@@ -33,8 +33,11 @@ def test_dry_run_measures_every_step(tmp_path):
     assert all(r["ms"] > 0 for r in steps.values())
     assert all(r["bitwise_run_to_run"] for (impl, _, _), r in steps.items() if impl.startswith("fastpfc"))
     assert {c for _, _, c in steps} == {300, 600, 1200}  # the headline stand-in, then the two larger C
+    (profile,) = by_step["profile"]
+    assert profile["wall_ms"] > 0 and profile["kernels_ms"] > 0 and profile["top"]
+    assert all(k["ms"] > 0 and k["calls"] >= 1 and k["name"] for k in profile["top"])
     table = (tmp_path / "probe.md").read_text()
-    assert table.count("\n") == len(rows) + 2 and "| kernels |" in table
+    assert table.count("\n") == len(rows) + 2 + 5 + len(profile["top"]) and "| kernels |" in table
 
 
 def test_steps_past_the_time_budget_are_recorded_as_skipped(tmp_path):

@@ -7,9 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from fastpfc.doc.layouts import (
+    EDGE_BINS,
+    EDGE_RESOLUTION,
     LAYOUTS,
+    PART_CHANNELS,
     chromaticity_layout,
     colour_layout,
+    edge_layout,
     layout_baseline,
     layout_embedding,
     layout_size,
@@ -70,6 +74,41 @@ def test_shading_free_layout_matches_float64_reference(images):
                                atol=1e-5)
 
 
+def test_edge_layout_matches_float64_reference(images):
+    """numpy in float64: edge-padded central differences of the grey cells, each gradient's weight
+    in every orientation bin by its angular distance to the bin's centre, pooled into 5 x 5 cells."""
+    grey = _cells(images, EDGE_RESOLUTION, 0.7).mean(dim=1).numpy()  # [3, R, R]
+    padded = np.pad(grey, ((0, 0), (1, 1), (1, 1)), mode="edge")
+    dx, dy = (padded[:, 1:-1, 2:] - padded[:, 1:-1, :-2]) / 2, (padded[:, 2:, 1:-1] - padded[:, :-2, 1:-1]) / 2
+    angle = np.degrees(np.arctan2(dy, dx)) % 180
+    step = 180 / EDGE_BINS
+    binned = np.zeros((3, EDGE_BINS) + grey.shape[1:])
+    for k in range(EDGE_BINS):
+        apart = np.abs(angle - k * step)
+        apart = np.minimum(apart, 180 - apart)
+        binned[:, k] = np.hypot(dx, dy) * np.clip(1 - apart / step, 0, None)
+    bounds = [((EDGE_RESOLUTION * i) // 5, -(-EDGE_RESOLUTION * (i + 1) // 5)) for i in range(5)]
+    cells = np.stack([np.stack([binned[:, :, a:b, c:d].mean(axis=(2, 3)) for c, d in bounds], -1)
+                      for a, b in bounds], -1).transpose(0, 1, 3, 2)  # [3, bins, row, column]
+    cells = np.sqrt(cells / (cells.mean(axis=(1, 2, 3), keepdims=True) + 1e-6))
+    expected = _unit_centred(torch.from_numpy(cells))
+    torch.testing.assert_close(edge_layout(images, side=5, crop=0.7).double(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_edge_layout_sees_orientation_not_exposure():
+    """Exposure (a gain) and a constant offset leave it as it was; the same picture turned by 90
+    degrees moves its edges into other bins, and stripes across are far from stripes down."""
+    torch.manual_seed(2)
+    pictures = 0.2 + 0.6 * F.interpolate(torch.rand(3, 3, 9, 9), size=(80, 80), mode="bilinear")
+    base = edge_layout(pictures)
+    for changed in (pictures * 0.6, pictures + 0.1):
+        assert (edge_layout(changed) - base).norm(dim=1).max() < 1e-3
+    assert (edge_layout(pictures.transpose(-1, -2)) - base).norm(dim=1).min() > 1.0  # about 1.35-1.53
+    stripes = 0.5 + 0.4 * torch.sin(torch.arange(80.0) / 2).view(1, 1, 1, 80).expand(1, 3, 80, 80)
+    across, down = edge_layout(stripes), edge_layout(stripes.transpose(-1, -2))
+    assert (across - down).norm() > 1.0  # unit rows: 1.41 would be orthogonal
+
+
 def test_each_part_ignores_its_camera_change():
     """On smooth pictures: a colourless light field (glare) barely moves the chromaticity layout,
     a per-channel gradient linear in log barely moves the shading-free layout, per-channel gains
@@ -98,10 +137,11 @@ def test_each_part_ignores_its_camera_change():
 def test_layout_embedding_is_its_parts_in_equal_shares(name, images):
     got = layout_embedding(images, name)
     parts = LAYOUTS[name]
-    assert got.shape == (3, layout_size(name)) == (3, 192 * len(parts))
+    sizes = [64 * PART_CHANNELS[part] for part in parts]  # 8 x 8 cells
+    assert got.shape == (3, layout_size(name)) == (3, sum(sizes))
     torch.testing.assert_close(got.norm(dim=1), torch.ones(3))
-    for i, part in enumerate(parts):
-        torch.testing.assert_close(got[:, 192 * i:192 * (i + 1)], part(images) / len(parts) ** 0.5)
+    for part, block in zip(parts, got.split(sizes, dim=1), strict=True):
+        torch.testing.assert_close(block, part(images) / len(parts) ** 0.5)
 
 
 def test_the_layout_baseline_exists_only_where_a_layout_is_appended(images):

@@ -41,9 +41,10 @@ class TrainConfig:
     layout_weight: float = _option(0.5, "share of the embedding's cosine given to a fixed layout of the image's "
                                         "central 70% in 8 x 8 cells (--layout), appended to the learned embedding "
                                         "after training; 0: the learned embedding alone")
-    layout: str = _option("lighting_robust", "the fixed layout: colour (each channel over its mean) or "
-                                             "lighting_robust (that, a chromaticity layout and a shading-free log "
-                                             "layout, a third each)")
+    layout: str = _option("lighting_robust_edges", "the fixed layout: colour (each channel over its mean), "
+                                                   "lighting_robust (that, a chromaticity layout and a shading-free "
+                                                   "log layout, a third each) or lighting_robust_edges (those and "
+                                                   "oriented edges, a quarter each)")
     data: str | None = _option(None, "folder of training images (default: the built-in synthetic images, see "
                                      "--synthetic)")
     data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")

@@ -13,6 +13,9 @@ they ignore:
   clip) cancels, and so does a colour cast. A grey picture has none.
 - :func:`shading_free_layout`: the log of the cells with each channel's best-fitting plane over the
   cell grid removed, so exposure, white balance and a lighting gradient (linear in log) cancel.
+- :func:`edge_layout`: how much edge of each orientation each cell holds (a coarse histogram of
+  oriented gradients of the grey image), over the image's mean, so colour, exposure and contrast
+  cancel and what is left is where the text lines, borders and picture outlines run.
 
 :data:`LAYOUTS` names the combinations ``--layout`` offers; :func:`layout_embedding` computes one.
 """
@@ -20,6 +23,7 @@ they ignore:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -31,6 +35,9 @@ from .baselines import unit_centred
 LAYOUT_SIDE, LAYOUT_CROP = 8, 0.7
 #: Added to the cells (in [0, 1]) before ratios and logs, so dark cells stay finite and quiet.
 _DARK = 0.02
+#: Orientation bins over 0..180 degrees of :func:`edge_layout`, and the side of the grey image it
+#: takes gradients of (a smaller one than the input, so noise and JPEG blocks are averaged out).
+EDGE_BINS, EDGE_RESOLUTION = 6, 64
 
 
 def central_cells(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
@@ -67,17 +74,42 @@ def shading_free_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: flo
     return unit_centred(logs - plane)
 
 
+def edge_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
+    """Oriented edges per cell: the central ``crop`` in grey at ``EDGE_RESOLUTION``², its gradient
+    (central differences) split by orientation into ``EDGE_BINS`` bins (each gradient shared between
+    its two nearest bins in proportion to closeness, weighted by its magnitude), pooled to
+    ``side`` x ``side`` cells, over the mean of all of them, square-rooted (so a few strong
+    edges do not drown the rest), centred, unit: [B, EDGE_BINS * side * side] float32."""
+    grey = central_cells(images, EDGE_RESOLUTION, crop).mean(dim=1, keepdim=True)  # [B, 1, R, R]
+    padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")
+    dx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / 2
+    dy = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / 2
+    magnitude = torch.sqrt(dx * dx + dy * dy)
+    orientation = torch.remainder(torch.atan2(dy, dx), math.pi)  # edges have no sign: 0..pi
+    width = math.pi / EDGE_BINS
+    centres = torch.arange(EDGE_BINS, dtype=grey.dtype, device=grey.device).view(1, EDGE_BINS, 1, 1) * width
+    distance = (orientation - centres).abs()
+    distance = torch.minimum(distance, math.pi - distance)  # around the circle: 170 degrees is near 0
+    binned = magnitude * (1 - distance / width).clamp(min=0)  # [B, EDGE_BINS, R, R]
+    cells = F.adaptive_avg_pool2d(binned, side)
+    return unit_centred((cells / (cells.mean(dim=(1, 2, 3), keepdim=True) + 1e-6)).sqrt())
+
+
 #: Layouts by the name ``--layout`` takes: the parts, weighted equally. ``colour`` is what runs
 #: before ``--layout`` existed used.
 LAYOUTS: dict[str, tuple[Callable[..., torch.Tensor], ...]] = {
     "colour": (colour_layout,),
     "lighting_robust": (colour_layout, chromaticity_layout, shading_free_layout),
+    "lighting_robust_edges": (colour_layout, chromaticity_layout, shading_free_layout, edge_layout),
 }
+#: Channels of each part's cells: a part has channels x side x side dimensions.
+PART_CHANNELS: dict[Callable[..., torch.Tensor], int] = {
+    colour_layout: 3, chromaticity_layout: 3, shading_free_layout: 3, edge_layout: EDGE_BINS}
 
 
 def layout_size(name: str, side: int = LAYOUT_SIDE) -> int:
-    """Dimensions of layout ``name``: 3 x side x side per part."""
-    return 3 * side * side * len(LAYOUTS[name])
+    """Dimensions of layout ``name``: channels x side x side per part."""
+    return side * side * sum(PART_CHANNELS[part] for part in LAYOUTS[name])
 
 
 def layout_embedding(images: torch.Tensor, name: str) -> torch.Tensor:

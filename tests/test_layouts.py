@@ -134,14 +134,25 @@ def test_each_part_ignores_its_camera_change():
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_layout_embedding_is_its_parts_in_equal_shares(name, images):
+def test_layout_embedding_is_its_parts_in_their_shares(name, images):
     got = layout_embedding(images, name)
     parts = LAYOUTS[name]
-    sizes = [64 * PART_CHANNELS[part] for part in parts]  # 8 x 8 cells
+    sizes = [64 * PART_CHANNELS[part] for part, _ in parts]  # 8 x 8 cells
     assert got.shape == (3, layout_size(name)) == (3, sum(sizes))
+    assert sum(share for _, share in parts) == pytest.approx(1.0)
     torch.testing.assert_close(got.norm(dim=1), torch.ones(3))
-    for part, block in zip(parts, got.split(sizes, dim=1), strict=True):
-        torch.testing.assert_close(block, part(images) / len(parts) ** 0.5)
+    for (part, share), block in zip(parts, got.split(sizes, dim=1), strict=True):
+        torch.testing.assert_close(block, part(images) * share ** 0.5)
+
+
+def test_the_edges_are_half_of_the_default_layout(images):
+    """Of the cosine of two default layouts, the edges part gives half and the three photometric
+    parts a sixth each (a cosine of identical images: 1 = 1/2 + 3 x 1/6)."""
+    got = layout_embedding(images, "lighting_robust_edges")
+    photometric, edges = got.split([576, 64 * EDGE_BINS], dim=1)
+    torch.testing.assert_close(edges.norm(dim=1) ** 2, torch.full((3,), 0.5))
+    torch.testing.assert_close(edges, edge_layout(images) * 0.5 ** 0.5)
+    torch.testing.assert_close(photometric, layout_embedding(images, "lighting_robust") * 0.5 ** 0.5)
 
 
 def test_the_layout_baseline_exists_only_where_a_layout_is_appended(images):

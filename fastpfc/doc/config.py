@@ -43,8 +43,8 @@ class TrainConfig:
                                         "after training; 0: the learned embedding alone")
     layout: str = _option("lighting_robust_edges", "the fixed layout: colour (each channel over its mean), "
                                                    "lighting_robust (that, a chromaticity layout and a shading-free "
-                                                   "log layout, a third each) or lighting_robust_edges (those and "
-                                                   "oriented edges, a quarter each)")
+                                                   "log layout, a third each) or lighting_robust_edges (those for "
+                                                   "half of the cosine, oriented edges for the other half)")
     data: str | None = _option(None, "folder of training images (default: the built-in synthetic images, see "
                                      "--synthetic)")
     data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")

@@ -95,12 +95,14 @@ def edge_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAY
     return unit_centred((cells / (cells.mean(dim=(1, 2, 3), keepdim=True) + 1e-6)).sqrt())
 
 
-#: Layouts by the name ``--layout`` takes: the parts, weighted equally. ``colour`` is what runs
-#: before ``--layout`` existed used.
-LAYOUTS: dict[str, tuple[Callable[..., torch.Tensor], ...]] = {
-    "colour": (colour_layout,),
-    "lighting_robust": (colour_layout, chromaticity_layout, shading_free_layout),
-    "lighting_robust_edges": (colour_layout, chromaticity_layout, shading_free_layout, edge_layout),
+#: Layouts by the name ``--layout`` takes: each part with its share of the layout's cosine.
+#: ``colour`` is what runs before ``--layout`` existed used; ``lighting_robust_edges`` gives half
+#: to the three photometric parts and half to the edges.
+LAYOUTS: dict[str, tuple[tuple[Callable[..., torch.Tensor], float], ...]] = {
+    "colour": ((colour_layout, 1.0),),
+    "lighting_robust": ((colour_layout, 1 / 3), (chromaticity_layout, 1 / 3), (shading_free_layout, 1 / 3)),
+    "lighting_robust_edges": ((colour_layout, 1 / 6), (chromaticity_layout, 1 / 6), (shading_free_layout, 1 / 6),
+                              (edge_layout, 1 / 2)),
 }
 #: Channels of each part's cells: a part has channels x side x side dimensions.
 PART_CHANNELS: dict[Callable[..., torch.Tensor], int] = {
@@ -109,15 +111,14 @@ PART_CHANNELS: dict[Callable[..., torch.Tensor], int] = {
 
 def layout_size(name: str, side: int = LAYOUT_SIDE) -> int:
     """Dimensions of layout ``name``: channels x side x side per part."""
-    return side * side * sum(PART_CHANNELS[part] for part in LAYOUTS[name])
+    return side * side * sum(PART_CHANNELS[part] for part, _ in LAYOUTS[name])
 
 
 def layout_embedding(images: torch.Tensor, name: str) -> torch.Tensor:
-    """Layout ``name`` of ``images`` [B, 3, H, W]: its parts side by side, each times
-    1/sqrt(parts), so rows stay unit and every part is an equal share of a cosine:
-    [B, layout_size(name)] float32."""
-    parts = LAYOUTS[name]
-    return torch.cat([part(images) for part in parts], dim=1) / len(parts) ** 0.5
+    """Layout ``name`` of ``images`` [B, 3, H, W]: its parts side by side, each (a unit row) times
+    the square root of its share, so rows stay unit and each part contributes its share of a
+    cosine: [B, layout_size(name)] float32."""
+    return torch.cat([part(images) * share ** 0.5 for part, share in LAYOUTS[name]], dim=1)
 
 
 def layout_baseline(layout_weight: float, name: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:

@@ -31,6 +31,8 @@ from typing import Any
 
 import torch
 
+from .validation import TRITON_DTYPES
+
 
 def _rows_of(grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(rows, values [M, D])`` of a gradient: the rows of a sparse one (coalesced), all rows
@@ -102,7 +104,7 @@ class _RowSparseOptimizer(torch.optim.Optimizer):
         if self.fused and not (param.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
             raise RuntimeError("fused=True needs CUDA parameters (or TRITON_INTERPRET=1 set before fastpfc is "
                                "imported, to run the kernel on the CPU); use fused=None or False on the CPU")
-        if self.fused and param.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        if self.fused and param.dtype not in TRITON_DTYPES:
             raise TypeError(f"fused=True updates fp32/fp16/bf16 parameters, got {param.dtype}; use fused=False")
         return self.fused
 

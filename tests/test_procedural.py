@@ -7,13 +7,8 @@ import torch
 
 pytest.importorskip("matplotlib")  # the card fonts
 
-from fastpfc.doc.procedural import (  # noqa: E402
-    GENERATORS,
-    SOURCES,
-    ProceduralImages,
-    _ifs,
-    fractal_art,
-)
+from fastpfc.doc.artwork import _ifs, fractal_art  # noqa: E402
+from fastpfc.doc.procedural import GENERATORS, SOURCES, ProceduralImages  # noqa: E402
 from fastpfc.doc.training_data import BatchSchedule  # noqa: E402
 
 

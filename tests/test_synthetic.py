@@ -47,6 +47,46 @@ def test_look_alikes_share_layout_not_style():
     assert newer.family == first.family and newer.generation == 1 and newer.layout != first.layout
 
 
+def _first_artwork_type(wanted) -> DocumentType:
+    """The first artwork document type whose layout ``wanted(layout)`` accepts."""
+    return next(t for t in (DocumentType.from_id(i, artwork=True) for i in range(600)) if wanted(t.layout))
+
+
+def test_artwork_types_carry_their_own_pictures_on_the_same_template():
+    plain = DocumentType.from_id(7)
+    art = DocumentType.from_id(7, artwork=True)
+    assert "artwork" not in plain.layout
+    assert {k: v for k, v in art.layout.items() if k not in ("artwork", "picture_logos")} == plain.layout
+    assert art.style == plain.style  # the pictures take no draws from the colours
+    a, b = (np.asarray(art.render(i), dtype=np.float32) for i in (0, 1))
+    assert np.array_equal(a, np.asarray(DocumentType.from_id(7, artwork=True).render(0)))  # reproducible
+    band = round(art.height * art.layout["header"])
+    assert np.array_equal(a[:band], b[:band]), "the header and its logos are the template's"
+    # a picture over the whole card changes most of its pixels, not only the field text
+    full = _first_artwork_type(lambda layout: layout["artwork"][1] == "full")
+    top = round(full.height * full.layout["header"])
+    change = np.abs(np.asarray(full.render(0), dtype=np.float32)
+                    - np.asarray(DocumentType.from_id(full.type_id).render(0)))
+    assert np.median(change[top:]) > 3
+    sibling = DocumentType.from_id(8, artwork=True)  # a look-alike: the same kind of picture, its own drawing
+    assert sibling.layout["artwork"] == art.layout["artwork"]
+    assert not np.array_equal(a[:band], np.asarray(sibling.render(0))[:band])
+
+
+def test_artwork_photo_changes_with_the_instance_and_logos_are_pictures():
+    doc_type = _first_artwork_type(lambda layout: layout["photo"])
+    box = tuple(round(v) for v in (0.06 * doc_type.width if doc_type.layout["photo_left"] else 0.68 * doc_type.width,
+                                   doc_type.height * (doc_type.layout["header"] + 0.1)))
+    crops = [np.asarray(doc_type.render(i), dtype=np.float32)[box[1] + 4:box[1] + 20, box[0] + 4:box[0] + 20]
+             for i in (0, 1)]
+    assert np.abs(crops[0] - crops[1]).mean() > 5 and crops[0].std() > 5
+    with_logos = _first_artwork_type(lambda layout: layout["picture_logos"])
+    without = DocumentType.from_id(with_logos.type_id)
+    band = round(with_logos.height * with_logos.layout["header"])
+    assert np.abs(np.asarray(with_logos.render(0), dtype=np.float32)[:band]
+                  - np.asarray(without.render(0), dtype=np.float32)[:band]).mean() > 1
+
+
 def test_captures():
     doc = DocumentType.from_id(3).render(0)
     shots = [np.asarray(capture(doc, seed=s, size=96), dtype=np.float32) for s in (1, 2)]

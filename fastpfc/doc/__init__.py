@@ -1,7 +1,8 @@
 """Document embedding: synthetic documents, the model, training, evaluation and the registry.
 
-Modules: ``synthetic`` (procedural documents and captures), ``procedural`` (formula-driven
-classes: IFS fractals, dead leaves, cards drawn from them), ``folders`` / ``images`` (image
+Modules: ``synthetic`` (procedural documents, optionally with artwork, and captures),
+``artwork`` (formula-drawn pictures: IFS fractals, dead leaves, gradients), ``procedural``
+(formula-driven classes: those pictures and cards drawn from them), ``folders`` / ``images`` (image
 folders), ``model`` (timm backbone + embedding head), ``distill`` (CLIP teacher), ``training``
 (``train.py``'s loop), ``evaluation`` (TPR@FPR, registration accuracy), ``real_images`` (the
 registration check on packaged sample photographs), ``baselines`` (pixels, thumbnail, colour

@@ -10,7 +10,7 @@ from fastpfc.optim import SparseAdamW, SparseSGD
 
 from .layouts import LAYOUTS
 from .procedural import SOURCES
-from .synthetic import FRAMINGS
+from .synthetic import DOCUMENT_SOURCES, FRAMINGS
 
 #: ``--center-optimizer`` choices: row-sparse optimizers of the class centers, without weight
 #: decay, or ``prototype`` (no optimizer; see :func:`set_prototypes`).
@@ -50,8 +50,9 @@ class TrainConfig:
     data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")
     eval_data: str | None = _option(None, "folder of class sub-folders to evaluate on (default: unseen synthetic "
                                            "types)")
-    synthetic: str = _option("documents", "built-in training images: documents (templates whose fields vary), fractals "
-                                    "(IFS fractals and dead leaves), cards (cards drawn from those) or mix (all)")
+    synthetic: str = _option("documents", "built-in training images: documents (templates whose fields vary), "
+                                    "art_documents (the same with formula-drawn artwork), fractals (IFS fractals and "
+                                    "dead leaves), cards (cards drawn from those) or mix (all but art_documents)")
     train_types: int = _option(400, "synthetic classes to train on (document types, or generated images)")
     per_type: int = _option(8, "synthetic training items per class (documents of a type, or views of an image)")
     framing: str = _option("loose", "how the training captures frame the image: loose (tight or loose, off-centre, "
@@ -114,7 +115,7 @@ _OPTION_RULES = {
     "per_type": (lambda v: v >= 1, "an integer >= 1"),
     "views": (lambda v: v >= 1, "an integer >= 1"),
     "clean_views": (lambda v: v >= 0, "an integer >= 0"),
-    "synthetic": (lambda v: v in ("documents", *SOURCES), f"one of documents, {', '.join(SOURCES)}"),
+    "synthetic": (lambda v: v in (*DOCUMENT_SOURCES, *SOURCES), f"one of {', '.join((*DOCUMENT_SOURCES, *SOURCES))}"),
     "framing": (lambda v: v in FRAMINGS, f"one of {', '.join(FRAMINGS)}"),
     "eval_types": (lambda v: v >= 2, "an integer >= 2"),
     "eval_per_type": (lambda v: v >= 2, "an integer >= 2 (pairs of the same type are needed)"),

@@ -2,11 +2,8 @@
 
 Three generators, each ``render(class_id) -> PIL RGB image``:
 
-* ``fractal``: an iterated function system (2-4 random contractive affine maps, FractalDB-style),
-  its attractor drawn by the chaos game, coloured by the map that placed each point, over a
-  gradient background;
-* ``dead_leaves``: occluding discs, boxes and polygons with power-law sizes in a class palette
-  (the "dead leaves" image model of natural-image statistics);
+* ``fractal``: an IFS fractal over a gradient (:func:`fastpfc.doc.artwork.fractal_art`);
+* ``dead_leaves``: a dead-leaves composition (:func:`fastpfc.doc.artwork.dead_leaves_art`);
 * ``card``: a card, ID or form layout whose artwork, background and logo come from the two above,
   with header band, title and fields in one of matplotlib's bundled fonts, photo box, chip, barcode.
 
@@ -18,7 +15,6 @@ instance generator of :mod:`fastpfc.doc.synthetic` alone, whose classes vary in 
 
 from __future__ import annotations
 
-import colorsys
 import zlib
 from collections.abc import Callable
 from functools import lru_cache
@@ -28,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from .artwork import dead_leaves_art, fractal_art, gradient, palette
 from .images import ClassItems, to_tensor
 from .synthetic import EVAL_TYPE_OFFSET, DocumentType, capture
 
@@ -44,112 +41,6 @@ SQUARE = 192  # side of fractal and dead-leaves images
 
 def _rng(kind: str, class_id: int, seed: int) -> np.random.Generator:
     return np.random.default_rng([zlib.crc32(kind.encode()), class_id, seed])
-
-
-def _palette(rng: np.random.Generator, count: int) -> np.ndarray:
-    """``count`` RGB colours in [0, 1] around one or two random hues: [count, 3]."""
-    hues = rng.random() + rng.choice((0.0, 0.33, 0.5)) * rng.integers(0, 2, count) + rng.normal(0, 0.05, count)
-    return np.array([colorsys.hsv_to_rgb(h % 1.0, rng.uniform(0.35, 1.0), rng.uniform(0.35, 1.0)) for h in hues])
-
-
-def _to_image(pixels: np.ndarray) -> Image.Image:
-    return Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
-
-
-def _gradient(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """A linear gradient between two random colours, computed on a coarse grid and resized."""
-    start, stop = _palette(rng, 2)
-    angle = rng.uniform(0, 2 * np.pi)
-    coarse_w, coarse_h = min(width, 16), min(height, 16)
-    t = np.cos(angle) * np.linspace(0, 1, coarse_w)[None, :] + np.sin(angle) * np.linspace(0, 1, coarse_h)[:, None]
-    t = ((t - t.min()) / max(float(np.ptp(t)), 1e-6))[..., None]
-    return _to_image(start * (1 - t) + stop * t).resize((width, height), Image.BILINEAR)
-
-
-def _rotation(angle: np.ndarray) -> np.ndarray:
-    """[K, 2, 2] rotations by ``angle`` [K] radians."""
-    cos, sin = np.cos(angle), np.sin(angle)
-    return np.stack([np.stack([cos, -sin], -1), np.stack([sin, cos], -1)], -2)
-
-
-def _ifs(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(maps [K, 2, 2], shifts [K, 2], probabilities [K]) of a contractive IFS whose attractor is
-    neither dust, nor thin streaks, nor a filled blob: each map a rotation, an axis scaling by
-    singular values in [0.2, 0.9] (one axis mirrored at random) and a rotation, the summed area
-    ratio |det| in [0.4, 1.1]."""
-    while True:
-        count = int(rng.integers(2, 5))
-        singular = rng.uniform(0.2, 0.9, (count, 2))
-        areas = singular.prod(axis=1)
-        if 0.4 <= areas.sum() <= 1.1:
-            break
-    mirror = np.where(rng.random(count) < 0.5, -1.0, 1.0)
-    scale = np.zeros((count, 2, 2))
-    scale[:, 0, 0], scale[:, 1, 1] = singular[:, 0] * mirror, singular[:, 1]
-    maps = _rotation(rng.uniform(0, 2 * np.pi, count)) @ scale @ _rotation(rng.uniform(0, 2 * np.pi, count))
-    return maps, rng.uniform(-1, 1, (count, 2)), (areas + 0.03) / (areas + 0.03).sum()
-
-
-def fractal_art(rng: np.random.Generator, width: int, height: int, points: int = 20_000) -> Image.Image:
-    """An IFS attractor over a gradient. The points are binned at half resolution, which draws
-    them two pixels wide."""
-    full_width, full_height = width, height
-    width, height = max(1, width // 2), max(1, height // 2)
-    maps, shifts, probabilities = _ifs(rng)
-    chains, burn_in = 1024, 6
-    steps = burn_in + points // chains
-    x = rng.uniform(-1, 1, (chains, 2))
-    choices = rng.choice(len(probabilities), size=(steps, chains), p=probabilities)
-    placed, which = [], []
-    for step in range(steps):
-        k = choices[step]
-        x = np.einsum("cij,cj->ci", maps[k], x) + shifts[k]
-        if step >= burn_in:
-            placed.append(x)
-            which.append(k)
-    xy, which = np.concatenate(placed), np.concatenate(which)
-    low, high = np.percentile(xy, 0.5, axis=0), np.percentile(xy, 99.5, axis=0)
-    margin = rng.uniform(0.03, 0.15)
-    span = np.maximum(high - low, 1e-6)
-    column = ((xy[:, 0] - low[0]) / span[0] * (1 - 2 * margin) + margin) * (width - 1)
-    row = ((xy[:, 1] - low[1]) / span[1] * (1 - 2 * margin) + margin) * (height - 1)
-    inside = (column >= 0) & (column < width) & (row >= 0) & (row < height)
-    cell = row[inside].astype(np.int64) * width + column[inside].astype(np.int64)
-    colours = _palette(rng, len(probabilities))[which[inside]]
-    density = np.bincount(cell, minlength=width * height).astype(np.float32)
-    paint = np.stack([np.bincount(cell, colours[:, c], width * height) for c in range(3)], axis=1)
-    paint = (paint / np.maximum(density, 1)[:, None]).reshape(height, width, 3)
-    coverage = 1 - np.exp(-density.reshape(height, width) * rng.uniform(0.3, 1.5))
-    paint = _to_image(paint).resize((full_width, full_height), Image.BILINEAR)
-    mask = Image.fromarray((coverage * 255).astype(np.uint8)).resize((full_width, full_height), Image.BILINEAR)
-    return Image.composite(paint, _gradient(rng, full_width, full_height), mask)
-
-
-def dead_leaves_art(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """Occluding shapes with power-law radii (density ~ r^-3) in a class palette."""
-    palette = _palette(rng, int(rng.integers(3, 8))) * 255
-    count = int(rng.integers(80, 200))
-    side = max(width, height)
-    small, large = 0.02 * side, rng.uniform(0.25, 0.6) * side
-    radii = (small ** -2 - rng.random(count) * (small ** -2 - large ** -2)) ** -0.5
-    centres = rng.uniform(-0.1, 1.1, (count, 2)) * (width, height)
-    colours = np.clip(palette[rng.integers(len(palette), size=count)] + rng.normal(0, 18, (count, 3)), 0, 255)
-    shapes, squash = rng.integers(3, size=count), rng.uniform(0.3, 1.0, count)
-    corners = np.sort(rng.uniform(0, 2 * np.pi, (count, 5)), axis=1)
-    sides = rng.integers(3, 6, size=count)
-    image = Image.new("RGB", (width, height), tuple(int(c) for c in palette[0]))
-    draw = ImageDraw.Draw(image)
-    for (cx, cy), radius, colour, shape, flat, angles, n in zip(centres, radii, colours.astype(int).tolist(), shapes,
-                                                                 squash, corners, sides, strict=True):
-        box = (cx - radius, cy - radius * flat, cx + radius, cy + radius)
-        if shape == 0:
-            draw.ellipse(box, fill=tuple(colour))
-        elif shape == 1:
-            draw.rectangle(box, fill=tuple(colour))
-        else:
-            draw.polygon(list(zip(cx + radius * np.cos(angles[:n]), cy + radius * np.sin(angles[:n]), strict=True)),
-                         fill=tuple(colour))
-    return image
 
 
 def fractal(class_id: int, seed: int = 0) -> Image.Image:
@@ -182,9 +73,9 @@ def card(class_id: int, seed: int = 0) -> Image.Image:
     elif background == 1:
         image = dead_leaves_art(rng, width, height)
     else:
-        image = _gradient(rng, width, height)
+        image = gradient(rng, width, height)
     draw = ImageDraw.Draw(image, "RGBA")
-    ink = tuple(int(c) for c in (_palette(rng, 1)[0] * rng.uniform(0.0, 0.4) * 255))
+    ink = tuple(int(c) for c in (palette(rng, 1)[0] * rng.uniform(0.0, 0.4) * 255))
     light = rng.random() < 0.5
     if light:  # a pale panel under the text, the artwork showing around it
         top = rng.uniform(0.25, 0.45) * height
@@ -193,7 +84,7 @@ def card(class_id: int, seed: int = 0) -> Image.Image:
     else:
         ink = (255, 255, 255)
     band = rng.uniform(0.12, 0.25) * height
-    band_colour = tuple(int(c) for c in _palette(rng, 1)[0] * 255) + (int(rng.integers(120, 255)),)
+    band_colour = tuple(int(c) for c in palette(rng, 1)[0] * 255) + (int(rng.integers(120, 255)),)
     draw.rectangle((0, 0, width, band), fill=band_colour)
     fonts = rng.choice(FONT_FILES, 2)
     title = " ".join(rng.choice(_WORDS, int(rng.integers(1, 4)), replace=False))

@@ -5,8 +5,11 @@ certificate), aspect ratio, background and pattern, header band and title, logo 
 chip, field labels, table, barcode, stamp. Types come in look-alike *families*: members share the
 layout and differ in colours and issuer name, and each family has two format *generations* that
 move a few elements. An *instance* fills the template with its own values (field text, photo,
-numbers). :func:`capture` then photographs it: perspective, rotation, crop, lighting gradient,
-glare, shadow, blur, noise, JPEG and a colour cast.
+numbers). With ``artwork`` a type also carries formula-drawn pictures (:mod:`fastpfc.doc.artwork`),
+as real cards carry printed artwork: a faint fractal or dead-leaves picture over the whole card or
+one half of it, picture logos, and a dead-leaves picture in the photo box that changes with every
+instance, as a holder's photograph does. :func:`capture` then photographs it: perspective,
+rotation, crop, lighting gradient, glare, shadow, blur, noise, JPEG and a colour cast.
 
 Everything is deterministic from integer seeds. Training and evaluation types never overlap: their
 type ids come from disjoint ranges (:data:`EVAL_TYPE_OFFSET`).
@@ -15,15 +18,18 @@ type ids come from disjoint ranges (:data:`EVAL_TYPE_OFFSET`).
 from __future__ import annotations
 
 import colorsys
+import functools
 import io
 import math
 import random
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageFont
 
+from .artwork import dead_leaves_art, fractal_art
 from .images import ClassItems, to_tensor
 
 KINDS = ("id_card", "bank_card", "form", "receipt", "certificate")
@@ -32,10 +38,15 @@ ASPECT = {"id_card": 1.586, "bank_card": 1.586, "form": 0.707, "receipt": 0.4, "
 FAMILY_SIZE, GENERATIONS = 3, 2
 #: Bumped whenever the same seed renders different images (caches of derived data key on it).
 GENERATOR_VERSION = 4
+#: ``--synthetic`` choices that are document types, and whether their types carry artwork.
+DOCUMENT_SOURCES = {"documents": False, "art_documents": True}
 #: Evaluation type ids start here, so no evaluation type is ever a training type.
 EVAL_TYPE_OFFSET = 1_000_000
 _WORDS = ("NATIONAL", "REPUBLIC", "BANK", "UNION", "CREDIT", "INSURANCE", "LICENSE", "PERMIT", "RESIDENT",
           "STATE", "CITY", "HEALTH", "TAX", "POSTAL", "TRANSIT", "UNIVERSITY", "MEMBER", "AGENCY")
+#: With ``artwork``: the opacity range of a type's background picture over its plain background, and
+#: the share of families whose logos are pictures. Measured in docs/training.md.
+ART_OPACITY, PICTURE_LOGOS = (0.1, 0.35), 0.7
 _LABELS = ("NAME", "DATE", "NO.", "ADDRESS", "EXPIRES", "ISSUED", "CLASS", "SEX", "ID", "TOTAL", "REF")
 
 
@@ -62,7 +73,7 @@ class DocumentType:
     style: dict
 
     @classmethod
-    def from_id(cls, type_id: int, base_width: int = 320) -> DocumentType:
+    def from_id(cls, type_id: int, base_width: int = 320, artwork: bool = False) -> DocumentType:
         family, member = divmod(type_id, FAMILY_SIZE * GENERATIONS)
         generation, issuer = divmod(member, FAMILY_SIZE)
         layout_rng = random.Random(f"layout-{family}")  # shared by the whole family
@@ -85,6 +96,11 @@ class DocumentType:
             "barcode": layout_rng.random() < 0.6,
             "stamp": kind in ("certificate", "form") and layout_rng.random() < 0.7,
         }
+        if artwork:  # the family's picture kind, where it lies and how strong; each type draws its own
+            art_rng = random.Random(f"artwork-{family}")
+            layout["artwork"] = (art_rng.choice(("fractal", "dead_leaves")), art_rng.choice(("full", "left", "right")),
+                                 art_rng.uniform(*ART_OPACITY))
+            layout["picture_logos"] = art_rng.random() < PICTURE_LOGOS
         if generation == 1:  # the newer format: header grows, photo swaps sides, barcode toggles
             layout = {**layout, "header": layout["header"] * 1.3, "photo_left": not layout["photo_left"],
                       "barcode": not layout["barcode"]}
@@ -110,15 +126,29 @@ class DocumentType:
         draw = ImageDraw.Draw(image)
         font = ImageFont.load_default()
         _pattern(draw, lay["pattern"], w, h, sty["accent"])
+        if "artwork" in lay:
+            kind, region, opacity = lay["artwork"]
+            left, right = {"full": (0, w), "left": (0, w // 2), "right": (w // 2, w)}[region]
+            picture = _type_picture(self.type_id, "background", kind, right - left, h)
+            image.paste(Image.blend(image.crop((left, 0, right, h)), picture, opacity), (left, 0))
         band = round(h * lay["header"])
         draw.rectangle((0, 0, w, band), fill=sty["band"])
         draw.text((8, band // 3), sty["title"], fill=sty["background"], font=font)
-        for shape, fx, fy in lay["logos"]:
-            _shape(draw, shape, (fx * w, fy * band), band * 0.35, sty["accent"])
+        for number, (shape, fx, fy) in enumerate(lay["logos"]):
+            if lay.get("picture_logos"):
+                r = max(2, round(band * 0.35))
+                logo = _type_picture(self.type_id, f"logo{number}", "fractal", 2 * r, 2 * r)
+                image.paste(logo, (round(fx * w) - r, round(fy * band) - r))
+            else:
+                _shape(draw, shape, (fx * w, fy * band), band * 0.35, sty["accent"])
         if lay["photo"]:
             x0 = 0.06 * w if lay["photo_left"] else 0.68 * w
             box = (x0, band + 0.1 * h, x0 + 0.26 * w, band + 0.1 * h + 0.55 * (h - band))
             draw.rectangle(box, fill=_colour(rng, light=True), outline=sty["ink"])
+            if "artwork" in lay:  # the holder's picture
+                photo = dead_leaves_art(np.random.default_rng(rng.getrandbits(32)), round(box[2] - box[0]),
+                                        round(box[3] - box[1]))
+                image.paste(photo, (round(box[0]), round(box[1])))
             cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
             draw.ellipse((cx - 0.3 * (box[2] - box[0]), cy - 0.35 * (box[3] - box[1]), cx + 0.3 * (box[2] - box[0]),
                           cy + 0.15 * (box[3] - box[1])), fill=_colour(rng, light=False))
@@ -145,6 +175,14 @@ class DocumentType:
             cx, cy, r = rng.uniform(0.6, 0.85) * w, rng.uniform(0.6, 0.8) * h, 0.08 * min(w, h) + 8
             draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=(170, 30, 30), width=3)
         return image
+
+
+@functools.lru_cache(maxsize=4096)
+def _type_picture(type_id: int, part: str, kind: str, width: int, height: int) -> Image.Image:
+    """The ``kind`` picture of a type's ``part``, ``width`` x ``height``: drawn once per loader process
+    (a training set's types fit the cache), the same in every instance. Callers must not draw on it."""
+    rng = np.random.default_rng([type_id, zlib.crc32(part.encode()), width, height])
+    return fractal_art(rng, width, height) if kind == "fractal" else dead_leaves_art(rng, width, height)
 
 
 def _pattern(draw: ImageDraw.ImageDraw, kind: str, w: int, h: int, colour: tuple[int, int, int]) -> None:
@@ -293,17 +331,18 @@ def _expand(corners: list[tuple[float, float]], margin: float) -> tuple[float, .
 class SyntheticDocuments(ClassItems):
     """``num_types`` document types x ``per_type`` captures, as ([3, size, size] float tensors, label).
 
-    Labels are ``0 .. num_types - 1``. ``split='train'`` and ``split='eval'`` draw disjoint types.
+    Labels are ``0 .. num_types - 1``. ``split='train'`` and ``split='eval'`` draw disjoint types;
+    ``artwork`` gives the types their pictures (see the module docstring).
     With ``clean=True`` an item is the uncaptured document resized (a registration image); otherwise
     a :func:`capture` with ``framing``.
     """
 
     def __init__(self, num_types: int, per_type: int, split: str = "train", size: int = 128, seed: int = 0,
-                 clean: bool = False, framing: str = "snug") -> None:
+                 clean: bool = False, framing: str = "snug", artwork: bool = False) -> None:
         if split not in ("train", "eval"):
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         offset = EVAL_TYPE_OFFSET if split == "eval" else 0
-        self.types = [DocumentType.from_id(offset + seed * num_types + t) for t in range(num_types)]
+        self.types = [DocumentType.from_id(offset + seed * num_types + t, artwork=artwork) for t in range(num_types)]
         self.num_classes, self.per_class = num_types, per_type
         self.size, self.seed, self.clean, self.framing = size, seed, clean, framing
 

@@ -11,7 +11,7 @@ import torch
 from .config import TrainConfig
 from .folders import LISTING_CACHE, ImageFolderDataset
 from .procedural import PROCEDURAL_VERSION, ProceduralImages
-from .synthetic import GENERATOR_VERSION, SyntheticDocuments
+from .synthetic import DOCUMENT_SOURCES, GENERATOR_VERSION, SyntheticDocuments
 
 
 class BatchSchedule:
@@ -60,9 +60,9 @@ def training_data(config: TrainConfig, image_size: int | None = None):
                       "framing": config.framing}
     identity = {"synthetic": [config.synthetic, config.train_types, config.per_type, config.seed, config.clean_views],
                 "generator": [GENERATOR_VERSION, PROCEDURAL_VERSION], "framing": config.framing}
-    if config.synthetic == "documents":
+    if config.synthetic in DOCUMENT_SOURCES:
         return SyntheticDocuments(config.train_types, config.per_type, "train", size, config.seed,
-                                  framing=config.framing), identity
+                                  framing=config.framing, artwork=DOCUMENT_SOURCES[config.synthetic]), identity
     return ProceduralImages(config.train_types, config.per_type, config.synthetic, size, config.seed,
                             config.clean_views, config.framing), identity
 

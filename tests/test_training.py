@@ -264,7 +264,7 @@ def test_train_py_help_lists_every_option():
     ("sample_rate", 0.0, r"--sample-rate must be in \(0, 1\]"), ("lr", float("nan"), "--lr must be a finite"),
     ("schedule", "linear", "--schedule must be cosine or poly"), ("steps", -1, "--steps must be"),
     ("views", 3, r"--views \(3\) must divide --per-type \(4\) and --batch-size \(16\)"),
-    ("synthetic", "photos", "--synthetic must be one of documents, fractals, cards, mix"),
+    ("synthetic", "photos", "--synthetic must be one of documents, art_documents, fractals, cards, mix"),
     ("center_optimizer", "lion", "--center-optimizer must be one of adamw, sgd"),
     ("real_captures", 1, "--real-captures must be 0 or an integer >= 2"),
     ("layout_weight", 1.0, r"--layout-weight must be in \[0, 1\)"),
@@ -275,6 +275,17 @@ def test_bad_options_fail_before_any_work(tmp_path, option, value, says):
     with pytest.raises(ValueError, match=says):
         train(_config(tmp_path / "run", **{option: value}), progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_art_documents_are_the_document_types_with_artwork_and_key_the_teacher_cache(tmp_path):
+    from fastpfc.doc.training_data import training_data
+
+    art, art_identity = training_data(_config(tmp_path, synthetic="art_documents"))
+    plain, plain_identity = training_data(_config(tmp_path))
+    assert [t.type_id for t in art.types] == [t.type_id for t in plain.types]
+    assert all("artwork" in t.layout for t in art.types) and not any("artwork" in t.layout for t in plain.types)
+    assert art_identity != plain_identity  # a teacher feature cache of one is never taken for the other's
+    assert art[(5, 0)][0].shape == (3, 64, 64) and art[(5, 0)][1] == plain[(5, 0)][1] == 1
 
 
 def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_baselines(tmp_path):

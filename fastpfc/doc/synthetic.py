@@ -44,8 +44,9 @@ DOCUMENT_SOURCES = {"documents": False, "art_documents": True}
 EVAL_TYPE_OFFSET = 1_000_000
 _WORDS = ("NATIONAL", "REPUBLIC", "BANK", "UNION", "CREDIT", "INSURANCE", "LICENSE", "PERMIT", "RESIDENT",
           "STATE", "CITY", "HEALTH", "TAX", "POSTAL", "TRANSIT", "UNIVERSITY", "MEMBER", "AGENCY")
-#: With ``artwork``: the opacity range of a type's background picture over its plain background, and
-#: the share of families whose logos are pictures. Measured in docs/training.md.
+#: With ``artwork``: the opacity range of a type's background picture over its plain background
+#: (chosen among three ranges, docs/training.md round 8), and the share of families whose logos are
+#: pictures (not varied).
 ART_OPACITY, PICTURE_LOGOS = (0.1, 0.35), 0.7
 _LABELS = ("NAME", "DATE", "NO.", "ADDRESS", "EXPIRES", "ISSUED", "CLASS", "SEX", "ID", "TOTAL", "REF")
 

@@ -54,7 +54,8 @@ class TrainConfig:
                                     "art_documents (the same with formula-drawn artwork), fractals (IFS fractals and "
                                     "dead leaves), cards (cards drawn from those) or mix (all but art_documents)")
     train_types: int = _option(400, "synthetic classes to train on (document types, or generated images)")
-    per_type: int = _option(8, "synthetic training items per class (documents of a type, or views of an image)")
+    per_type: int = _option(64, "synthetic training items per class (documents of a type, or views of an image); "
+                                "the CLIP teacher cache holds one row per item")
     framing: str = _option("loose", "how the training captures frame the image: loose (tight or loose, off-centre, "
                                     "as by hand) or snug (filling the frame, as the synthetic evaluation's captures)")
     clean_views: int = _option(0, "of each class's --views, how many are the clean image (as registered) instead "

@@ -66,7 +66,7 @@ class TrainConfig:
     eval_per_type: int = _option(8, "captures per evaluation type")
     real_captures: int = _option(8, "photographs per template of the real-image check (sample images shipped by "
                                     "scikit-image and matplotlib); 0 skips the check")
-    steps: int = _option(600, "optimizer steps")
+    steps: int = _option(700, "optimizer steps")
     batch_size: int = _option(64, "images per step")
     lr: float = _option(6e-3, "peak learning rate of the backbone and head")
     freeze_backbone: bool = _option(False, "keep the backbone's initial weights (train the head only)")

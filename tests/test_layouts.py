@@ -11,6 +11,7 @@ from fastpfc.doc.layouts import (
     EDGE_RESOLUTION,
     LAYOUTS,
     PART_CHANNELS,
+    PYRAMID_SIDES,
     chromaticity_layout,
     colour_layout,
     edge_layout,
@@ -134,25 +135,59 @@ def test_each_part_ignores_its_camera_change():
 
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
-def test_layout_embedding_is_its_parts_in_their_shares(name, images):
+def test_layout_embedding_is_its_levels_in_their_shares(name, images):
     got = layout_embedding(images, name)
-    parts = LAYOUTS[name]
-    sizes = [64 * PART_CHANNELS[part] for part, _ in parts]  # 8 x 8 cells
+    levels = LAYOUTS[name]
+    sizes = [PART_CHANNELS[part] * side * side for part, _, side in levels]
     assert got.shape == (3, layout_size(name)) == (3, sum(sizes))
-    assert sum(share for _, share in parts) == pytest.approx(1.0)
+    assert sum(share for _, share, _ in levels) == pytest.approx(1.0)
     torch.testing.assert_close(got.norm(dim=1), torch.ones(3))
-    for (part, share), block in zip(parts, got.split(sizes, dim=1), strict=True):
-        torch.testing.assert_close(block, part(images) * share ** 0.5)
+    for (part, share, side), block in zip(levels, got.split(sizes, dim=1), strict=True):
+        torch.testing.assert_close(block, part(images, side) * share ** 0.5)
 
 
-def test_the_edges_are_half_of_the_default_layout(images):
-    """Of the cosine of two default layouts, the edges part gives half and the three photometric
-    parts a sixth each (a cosine of identical images: 1 = 1/2 + 3 x 1/6)."""
+def test_the_edges_are_half_of_the_edges_layouts(images):
+    """Of the cosine of two ``lighting_robust_edges`` layouts the edges part gives half and the
+    three photometric parts a sixth each (a cosine of identical images: 1 = 1/2 + 3 x 1/6); the
+    pyramid gives the same parts the same shares, split equally over its three sides."""
     got = layout_embedding(images, "lighting_robust_edges")
     photometric, edges = got.split([576, 64 * EDGE_BINS], dim=1)
     torch.testing.assert_close(edges.norm(dim=1) ** 2, torch.full((3,), 0.5))
     torch.testing.assert_close(edges, edge_layout(images) * 0.5 ** 0.5)
     torch.testing.assert_close(photometric, layout_embedding(images, "lighting_robust") * 0.5 ** 0.5)
+
+    levels = LAYOUTS["lighting_robust_edges_pyramid"]
+    blocks = layout_embedding(images, "lighting_robust_edges_pyramid").split(
+        [PART_CHANNELS[part] * side * side for part, _, side in levels], dim=1)
+    by_part, by_side = {}, {}
+    for (part, _, side), block in zip(levels, blocks, strict=True):
+        energy = block.norm(dim=1) ** 2
+        by_part[part] = by_part.get(part, 0) + energy
+        by_side[side] = by_side.get(side, 0) + energy
+    assert sorted(by_side) == sorted(PYRAMID_SIDES) == [4, 6, 8]
+    for side_energy in by_side.values():
+        torch.testing.assert_close(side_energy, torch.full((3,), 1 / 3))
+    torch.testing.assert_close(by_part[edge_layout], torch.full((3,), 0.5))
+    for part in (colour_layout, chromaticity_layout, shading_free_layout):
+        torch.testing.assert_close(by_part[part], torch.full((3,), 1 / 6))
+
+
+def test_the_pyramid_forgives_a_shifted_frame_more_than_eight_by_eight_cells():
+    """The same smooth pictures framed 4 px lower and 2 px further right (of 88): the 8 x 8
+    layout moves by about 0.8 (unit rows), the pyramid with its coarser levels by about 0.86-0.9 of
+    that; different pictures stay far apart in both."""
+    torch.manual_seed(0)
+    pictures = 0.2 + 0.6 * F.interpolate(torch.rand(4, 3, 12, 12), size=(104, 104), mode="bilinear")
+    framed, shifted = pictures[..., 8:96, 8:96], pictures[..., 12:100, 10:98]
+
+    def moved(name):
+        return (layout_embedding(shifted, name) - layout_embedding(framed, name)).norm(dim=1)
+
+    flat, pyramid = moved("lighting_robust_edges"), moved("lighting_robust_edges_pyramid")
+    assert flat.min() > 0.6
+    assert (pyramid / flat).max() < 0.95
+    others = layout_embedding(framed.roll(1, dims=0), "lighting_robust_edges_pyramid")
+    assert (others - layout_embedding(framed, "lighting_robust_edges_pyramid")).norm(dim=1).min() > 1.0
 
 
 def test_the_layout_baseline_exists_only_where_a_layout_is_appended(images):

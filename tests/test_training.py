@@ -54,7 +54,8 @@ def test_thumbnail_head_sees_the_mean_removed_pooled_input():
     torch.testing.assert_close(seen["x"][:, :-75], head.squeeze(features).flatten(1))
 
 
-@pytest.mark.parametrize("layout, size", [("colour", 192), ("lighting_robust", 576), ("lighting_robust_edges", 960)])
+@pytest.mark.parametrize("layout, size", [("colour", 192), ("lighting_robust", 576), ("lighting_robust_edges", 960),
+                                          ("lighting_robust_edges_pyramid", 1740)])
 def test_the_layout_is_appended_to_the_embedding(layout, size):
     """``layout_weight=w`` appends the layout times sqrt(w) to the learned unit embedding times
     sqrt(1 - w) in ``embed`` (``forward``, what the loss sees, is the learned embedding alone)."""
@@ -308,8 +309,8 @@ def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_ba
         results["colour_thumbnail"]["real_images"]["registration"]
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["loss"]["weight"].shape == (40, 32)
     reloaded = CheckpointEmbedder(tmp_path / "checkpoint.pt", device="cpu")
-    assert reloaded.dim == 32 + 960 and reloaded.model_id == saved["trained"]["model_id"]  # lighting_robust_edges
-    assert reloaded(torch.rand(2, 3, 64, 64)).shape == (2, 32 + 960)
+    assert reloaded.dim == 32 + 1740 and reloaded.model_id == saved["trained"]["model_id"]  # the pyramid layout
+    assert reloaded(torch.rand(2, 3, 64, 64)).shape == (2, 32 + 1740)
 
 
 def test_zero_steps_evaluates_and_writes_every_file(tmp_path):

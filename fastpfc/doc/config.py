@@ -34,17 +34,18 @@ class TrainConfig:
     backbone: str = _option("lcnet_050", "timm backbone name")
     weights: str | None = _option(None, "local file of pretrained backbone weights (nothing is downloaded)")
     embedding_size: int = _option(256, "learned embedding dimension (--layout-weight appends the layout's fixed ones: "
-                                        "192 per part)")
+                                        "1740 for the default --layout)")
     image_size: int = _option(128, "input images are image_size x image_size")
     head_norm: str = _option("ln+bn", "norms after the head's linear layers: ln+bn, ln or bn")
     head_thumbnail: int = _option(8, "the head also sees the input average-pooled to N x N (colour layout); 0: off")
     layout_weight: float = _option(0.5, "share of the embedding's cosine given to a fixed layout of the image's "
-                                        "central 70% in 8 x 8 cells (--layout), appended to the learned embedding "
+                                        "central 70% in cells (--layout), appended to the learned embedding "
                                         "after training; 0: the learned embedding alone")
-    layout: str = _option("lighting_robust_edges", "the fixed layout: colour (each channel over its mean), "
-                                                   "lighting_robust (that, a chromaticity layout and a shading-free "
-                                                   "log layout, a third each) or lighting_robust_edges (those for "
-                                                   "half of the cosine, oriented edges for the other half)")
+    layout: str = _option("lighting_robust_edges_pyramid",
+                          "the fixed layout: colour (each channel over its mean, 8 x 8 cells), lighting_robust "
+                          "(that, a chromaticity layout and a shading-free log layout, a third each), "
+                          "lighting_robust_edges (those for half of the cosine, oriented edges for the other half) "
+                          "or lighting_robust_edges_pyramid (that at 4 x 4, 6 x 6 and 8 x 8 cells, a third each)")
     data: str | None = _option(None, "folder of training images (default: the built-in synthetic images, see "
                                      "--synthetic)")
     data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")

@@ -3,8 +3,9 @@
 
 Each part maps images ``[B, 3, H, W]`` float in [0, 1] to unit rows ``[B, 3 * side * side]``
 float32, computed from the central ``crop`` share of the image (a photo's border is mostly
-background) average-pooled to ``side`` x ``side`` cells. The parts differ in which camera changes
-they ignore:
+background) average-pooled to ``side`` x ``side`` cells. A layout takes some parts, each at one or
+several sides (a pyramid of cells: the coarse levels forgive more misplacement by the camera, the
+fine ones tell more apart). The parts differ in which camera changes they ignore:
 
 - :func:`colour_layout`: each channel over its mean, so exposure and white balance (one gain per
   channel) cancel.
@@ -95,30 +96,44 @@ def edge_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAY
     return unit_centred((cells / (cells.mean(dim=(1, 2, 3), keepdim=True) + 1e-6)).sqrt())
 
 
-#: Layouts by the name ``--layout`` takes: each part with its share of the layout's cosine.
-#: ``colour`` is what runs before ``--layout`` existed used; ``lighting_robust_edges`` gives half
-#: to the three photometric parts and half to the edges.
-LAYOUTS: dict[str, tuple[tuple[Callable[..., torch.Tensor], float], ...]] = {
-    "colour": ((colour_layout, 1.0),),
-    "lighting_robust": ((colour_layout, 1 / 3), (chromaticity_layout, 1 / 3), (shading_free_layout, 1 / 3)),
-    "lighting_robust_edges": ((colour_layout, 1 / 6), (chromaticity_layout, 1 / 6), (shading_free_layout, 1 / 6),
-                              (edge_layout, 1 / 2)),
+#: Cells per side of the levels of ``lighting_robust_edges_pyramid``, each an equal share of its part.
+PYRAMID_SIDES = (4, 6, 8)
+#: One level of a layout: a part, its share of the layout's cosine, its cells per side.
+Level = tuple[Callable[..., torch.Tensor], float, int]
+
+_PHOTOMETRIC_AND_EDGES = ((colour_layout, 1 / 6), (chromaticity_layout, 1 / 6), (shading_free_layout, 1 / 6),
+                          (edge_layout, 1 / 2))
+
+
+def _levels(parts, sides: tuple[int, ...] = (LAYOUT_SIDE,)) -> tuple[Level, ...]:
+    """(part, share) pairs as levels at every side of ``sides``, sharing the part's share equally."""
+    return tuple((part, share / len(sides), side) for part, share in parts for side in sides)
+
+
+#: Layouts by the name ``--layout`` takes, as their levels. ``colour`` is what runs before ``--layout`` existed used;
+#: ``lighting_robust_edges`` gives half to the three photometric parts and half to the edges, all
+#: at 8 x 8; ``lighting_robust_edges_pyramid`` is that at 4 x 4, 6 x 6 and 8 x 8, a third each.
+LAYOUTS: dict[str, tuple[Level, ...]] = {
+    "colour": _levels(((colour_layout, 1.0),)),
+    "lighting_robust": _levels(((colour_layout, 1 / 3), (chromaticity_layout, 1 / 3), (shading_free_layout, 1 / 3))),
+    "lighting_robust_edges": _levels(_PHOTOMETRIC_AND_EDGES),
+    "lighting_robust_edges_pyramid": _levels(_PHOTOMETRIC_AND_EDGES, PYRAMID_SIDES),
 }
 #: Channels of each part's cells: a part has channels x side x side dimensions.
 PART_CHANNELS: dict[Callable[..., torch.Tensor], int] = {
     colour_layout: 3, chromaticity_layout: 3, shading_free_layout: 3, edge_layout: EDGE_BINS}
 
 
-def layout_size(name: str, side: int = LAYOUT_SIDE) -> int:
-    """Dimensions of layout ``name``: channels x side x side per part."""
-    return side * side * sum(PART_CHANNELS[part] for part, _ in LAYOUTS[name])
+def layout_size(name: str) -> int:
+    """Dimensions of layout ``name``: channels x side x side summed over its parts and levels."""
+    return sum(PART_CHANNELS[part] * side * side for part, _, side in LAYOUTS[name])
 
 
 def layout_embedding(images: torch.Tensor, name: str) -> torch.Tensor:
-    """Layout ``name`` of ``images`` [B, 3, H, W]: its parts side by side, each (a unit row) times
-    the square root of its share, so rows stay unit and each part contributes its share of a
-    cosine: [B, layout_size(name)] float32."""
-    return torch.cat([part(images) * share ** 0.5 for part, share in LAYOUTS[name]], dim=1)
+    """Layout ``name`` of ``images`` [B, 3, H, W]: its parts' levels side by side, each (a unit
+    row) times the square root of its share, so rows stay unit and each level contributes its
+    share of a cosine: [B, layout_size(name)] float32."""
+    return torch.cat([part(images, side) * share ** 0.5 for part, share, side in LAYOUTS[name]], dim=1)
 
 
 def layout_baseline(layout_weight: float, name: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:

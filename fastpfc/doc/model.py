@@ -62,7 +62,7 @@ class DocumentEmbedder(nn.Module):
     parts layout, 1 - w parts learned. The loss trains the learned part (``forward``) alone.
     ``embedding_size`` is what :meth:`embed` gives: the ``embedding_size`` asked for
     (``learned_size``) plus the layout's dimensions (192 for ``colour``, 576 for
-    ``lighting_robust``, 960 for ``lighting_robust_edges``).
+    ``lighting_robust``, 960 for ``lighting_robust_edges``, 1740 for ``lighting_robust_edges_pyramid``).
     """
 
     def __init__(self, backbone: str = "lcnet_050", embedding_size: int = 256, image_size: int = 128,

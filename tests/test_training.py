@@ -322,7 +322,7 @@ def test_zero_steps_evaluates_and_writes_every_file(tmp_path):
 def test_on_the_cpu_the_loaders_and_the_steps_share_the_cores_and_the_threads_are_restored(tmp_path, monkeypatch):
     monkeypatch.setattr(ranks, "cores_per_rank", lambda: 5)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert ranks.loader_workers(TrainConfig(), cpu) == 2  # the steps take the other 3 cores
+    assert ranks.loader_workers(TrainConfig(), cpu) == 4  # the steps take 2 threads: one process more than cores
     assert ranks.loader_workers(TrainConfig(), cuda) == 5
     assert ranks.loader_workers(TrainConfig(workers=4), cpu) == 4
     step_threads, append = [], training.append_metrics
@@ -330,7 +330,7 @@ def test_on_the_cpu_the_loaders_and_the_steps_share_the_cores_and_the_threads_ar
                         lambda path, record: (step_threads.append(torch.get_num_threads()), append(path, record)))
     before = torch.get_num_threads()
     train(_config(tmp_path, steps=2, workers=1), progress=False)
-    assert step_threads == [4, 4]  # 5 cores, one loader
+    assert step_threads == [5, 5]  # 5 cores, one loader
     assert torch.get_num_threads() == before
 
 

@@ -67,7 +67,7 @@ class TrainConfig:
     eval_per_type: int = _option(8, "captures per evaluation type")
     real_captures: int = _option(8, "photographs per template of the real-image check (sample images shipped by "
                                     "scikit-image and matplotlib); 0 skips the check")
-    steps: int = _option(700, "optimizer steps")
+    steps: int = _option(800, "optimizer steps")
     batch_size: int = _option(64, "images per step")
     lr: float = _option(6e-3, "peak learning rate of the backbone and head")
     freeze_backbone: bool = _option(False, "keep the backbone's initial weights (train the head only)")
@@ -93,7 +93,8 @@ class TrainConfig:
                                         "CPU 11% more images/s, five pairs of runs; --no-channels-last: off)")
     compile: bool = _option(False, "torch.compile the network")
     workers: int = _option(-1, "DataLoader worker processes per rank (-1: this rank's share of the CPU cores, at "
-                               "most 8, when a GPU trains; half of it when the CPU trains, the steps using the rest)")
+                               "most 8, when a GPU trains; when the CPU trains, the cores the steps' threads (half) "
+                               "leave, plus one)")
     checkpoint_every: int = _option(200, "steps between checkpoints")
     seed: int = _option(0, "seed of the data, the model and the sampling")
     backend: str = _option("auto", "PartialFC backend: auto, triton or torch")

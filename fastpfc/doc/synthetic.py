@@ -192,9 +192,7 @@ def _pattern(draw: ImageDraw.ImageDraw, kind: str, w: int, h: int, colour: tuple
         for x in range(-h, w, 12):
             draw.line((x, h, x + h, 0), fill=faint)
     elif kind == "dots":
-        for y in range(4, h, 10):
-            for x in range(4, w, 10):
-                draw.point((x, y), fill=faint)
+        draw.point([(x, y) for y in range(4, h, 10) for x in range(4, w, 10)], fill=faint)
     elif kind == "waves":
         for y0 in range(10, h, 16):
             draw.line([(x, y0 + 4 * math.sin(x / 9)) for x in range(0, w, 3)], fill=faint)

@@ -110,9 +110,10 @@ def _levels(parts, sides: tuple[int, ...] = (LAYOUT_SIDE,)) -> tuple[Level, ...]
     return tuple((part, share / len(sides), side) for part, share in parts for side in sides)
 
 
-#: Layouts by the name ``--layout`` takes, as their levels. ``colour`` is what runs before ``--layout`` existed used;
-#: ``lighting_robust_edges`` gives half to the three photometric parts and half to the edges, all
-#: at 8 x 8; ``lighting_robust_edges_pyramid`` is that at 4 x 4, 6 x 6 and 8 x 8, a third each.
+#: Layouts by the name ``--layout`` takes, as their levels. ``colour`` is what runs before
+#: ``--layout`` existed used; ``lighting_robust_edges`` gives half to the three photometric parts
+#: and half to the edges, all at 8 x 8; ``lighting_robust_edges_pyramid`` (the default) is that at
+#: 4 x 4, 6 x 6 and 8 x 8, a third each.
 LAYOUTS: dict[str, tuple[Level, ...]] = {
     "colour": _levels(((colour_layout, 1.0),)),
     "lighting_robust": _levels(((colour_layout, 1 / 3), (chromaticity_layout, 1 / 3), (shading_free_layout, 1 / 3))),

@@ -10,7 +10,6 @@ from fastpfc.doc.layouts import (
     EDGE_BINS,
     EDGE_RESOLUTION,
     LAYOUTS,
-    PART_CHANNELS,
     PYRAMID_SIDES,
     chromaticity_layout,
     colour_layout,
@@ -138,7 +137,7 @@ def test_each_part_ignores_its_camera_change():
 def test_layout_embedding_is_its_levels_in_their_shares(name, images):
     got = layout_embedding(images, name)
     levels = LAYOUTS[name]
-    sizes = [PART_CHANNELS[part] * side * side for part, _, side in levels]
+    sizes = [part.channels * side * side for part, _, side in levels]
     assert got.shape == (3, layout_size(name)) == (3, sum(sizes))
     assert sum(share for _, share, _ in levels) == pytest.approx(1.0)
     torch.testing.assert_close(got.norm(dim=1), torch.ones(3))
@@ -158,7 +157,7 @@ def test_the_edges_are_half_of_the_edges_layouts(images):
 
     levels = LAYOUTS["lighting_robust_edges_pyramid"]
     blocks = layout_embedding(images, "lighting_robust_edges_pyramid").split(
-        [PART_CHANNELS[part] * side * side for part, _, side in levels], dim=1)
+        [part.channels * side * side for part, _, side in levels], dim=1)
     by_part, by_side = {}, {}
     for (part, _, side), block in zip(levels, blocks, strict=True):
         energy = block.norm(dim=1) ** 2

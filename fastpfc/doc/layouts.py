@@ -1,20 +1,21 @@
 """Fixed layout descriptors, appended to the learned document embedding (see
 :class:`fastpfc.doc.model.DocumentEmbedder`).
 
-Each part maps images ``[B, 3, H, W]`` float in [0, 1] to unit rows ``[B, 3 * side * side]``
-float32, computed from the central ``crop`` share of the image (a photo's border is mostly
-background) average-pooled to ``side`` x ``side`` cells. A layout takes some parts, each at one or
-several sides (a pyramid of cells: the coarse levels forgive more misplacement by the camera, the
-fine ones tell more apart). The parts differ in which camera changes they ignore:
+Each part (a :class:`LayoutPart`) maps images ``[B, 3, H, W]`` float in [0, 1] to unit rows
+``[B, channels * side * side]`` float32, computed from the central ``crop`` share of the image (a
+photo's border is mostly background) average-pooled to ``side`` x ``side`` cells. A layout takes
+some parts, each at one or several sides (a pyramid of cells: the coarse levels forgive more
+misplacement by the camera, the fine ones tell more apart). The parts differ in which camera
+changes they ignore:
 
-- :func:`colour_layout`: each channel over its mean, so exposure and white balance (one gain per
+- :data:`colour_layout`: each channel over its mean, so exposure and white balance (one gain per
   channel) cancel.
-- :func:`chromaticity_layout`: each cell's share of each channel in its R + G + B, over the image's
+- :data:`chromaticity_layout`: each cell's share of each channel in its R + G + B, over the image's
   mean share, so any colourless light field (a lighting gradient, a shadow, glare that does not
   clip) cancels, and so does a colour cast. A grey picture has none.
-- :func:`shading_free_layout`: the log of the cells with each channel's best-fitting plane over the
+- :data:`shading_free_layout`: the log of the cells with each channel's best-fitting plane over the
   cell grid removed, so exposure, white balance and a lighting gradient (linear in log) cancel.
-- :func:`edge_layout`: how much edge of each orientation each cell holds (a coarse histogram of
+- :data:`edge_layout`: how much edge of each orientation each cell holds (a coarse histogram of
   oriented gradients of the grey image), over the image's mean, so colour, exposure and contrast
   cancel and what is left is where the text lines, borders and picture outlines run.
 
@@ -26,62 +27,37 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .baselines import unit_centred
 
-#: Cells per side of every layout, and the central share of the image's side they are pooled from.
+#: Cells per side of a single-level layout, and the central share of the image's side every
+#: layout is pooled from.
 LAYOUT_SIDE, LAYOUT_CROP = 8, 0.7
 #: Added to the cells (in [0, 1]) before ratios and logs, so dark cells stay finite and quiet.
 _DARK = 0.02
-#: Orientation bins over 0..180 degrees of :func:`edge_layout`, and the side of the grey image it
+#: Orientation bins over 0..180 degrees of :func:`oriented_edges`, and the side of the grey image it
 #: takes gradients of (a smaller one than the input, so noise and JPEG blocks are averaged out).
 EDGE_BINS, EDGE_RESOLUTION = 6, 64
 
 
-def central_cells(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
-    """The central ``crop`` share of ``images`` [B, 3, H, W] average-pooled to [B, 3, side, side] float32."""
+def central_crop(images: torch.Tensor, crop: float = LAYOUT_CROP) -> torch.Tensor:
+    """The central ``crop`` share of ``images`` [B, 3, H, W] (a photo's border is mostly
+    background): [B, 3, H', W'] float32."""
     height, width = images.shape[-2:]
     rows, columns = (round(n * (1.0 - crop) / 2) for n in (height, width))
-    return F.adaptive_avg_pool2d(images[..., rows:height - rows, columns:width - columns].float(), side)
+    return images[..., rows:height - rows, columns:width - columns].float()
 
 
-def colour_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
-    """The cells, each channel divided by its mean, centred, unit: [B, 3 * side * side] float32."""
-    cells = central_cells(images, side, crop)
-    return unit_centred(cells / (cells.mean(dim=(2, 3), keepdim=True) + _DARK))
-
-
-def chromaticity_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
-    """Each cell's share of each channel (R, G, B over their sum), divided by the image's mean
-    share, centred, unit: [B, 3 * side * side] float32."""
-    cells = central_cells(images, side, crop) + _DARK
-    shares = cells / cells.sum(dim=1, keepdim=True)
-    return unit_centred(shares / shares.mean(dim=(2, 3), keepdim=True))
-
-
-def shading_free_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
-    """The log of the cells, each channel's least-squares plane a + b·x + c·y over the cell grid
-    removed, centred, unit: [B, 3 * side * side] float32."""
-    logs = torch.log(central_cells(images, side, crop) + _DARK)  # [B, 3, side, side]
-    ramp = torch.arange(side, dtype=logs.dtype, device=logs.device) * (2.0 / max(side - 1, 1)) - 1.0
-    across, down = ramp.view(1, 1, 1, side), ramp.view(1, 1, side, 1)
-    # on this symmetric grid 1, x and y are orthogonal, so the plane is three separate projections
-    squares = side * (ramp * ramp).sum()
-    plane = (logs.mean(dim=(2, 3), keepdim=True) + across * (logs * across).sum(dim=(2, 3), keepdim=True) / squares
-             + down * (logs * down).sum(dim=(2, 3), keepdim=True) / squares)
-    return unit_centred(logs - plane)
-
-
-def edge_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
-    """Oriented edges per cell: the central ``crop`` in grey at ``EDGE_RESOLUTION``², its gradient
-    (central differences) split by orientation into ``EDGE_BINS`` bins (each gradient shared between
-    its two nearest bins in proportion to closeness, weighted by its magnitude), pooled to
-    ``side`` x ``side`` cells, over the mean of all of them, square-rooted (so a few strong
-    edges do not drown the rest), centred, unit: [B, EDGE_BINS * side * side] float32."""
-    grey = central_cells(images, EDGE_RESOLUTION, crop).mean(dim=1, keepdim=True)  # [B, 1, R, R]
+def oriented_edges(images: torch.Tensor, crop: float = LAYOUT_CROP) -> torch.Tensor:
+    """How much edge of each orientation each pixel holds: the central ``crop`` in grey at
+    ``EDGE_RESOLUTION``², its gradient (central differences) split by orientation into
+    ``EDGE_BINS`` bins, each gradient shared between its two nearest bins in proportion to
+    closeness and weighted by its magnitude: [B, EDGE_BINS, R, R] float32."""
+    grey = F.adaptive_avg_pool2d(central_crop(images, crop), EDGE_RESOLUTION).mean(dim=1, keepdim=True)
     padded = F.pad(grey, (1, 1, 1, 1), mode="replicate")
     dx = (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2]) / 2
     dy = (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1]) / 2
@@ -91,15 +67,67 @@ def edge_layout(images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAY
     centres = torch.arange(EDGE_BINS, dtype=grey.dtype, device=grey.device).view(1, EDGE_BINS, 1, 1) * width
     distance = (orientation - centres).abs()
     distance = torch.minimum(distance, math.pi - distance)  # around the circle: 170 degrees is near 0
-    binned = magnitude * (1 - distance / width).clamp(min=0)  # [B, EDGE_BINS, R, R]
-    cells = F.adaptive_avg_pool2d(binned, side)
+    return magnitude * (1 - distance / width).clamp(min=0)
+
+
+def _colour(cells: torch.Tensor) -> torch.Tensor:
+    """Each channel divided by its mean, centred, unit."""
+    return unit_centred(cells / (cells.mean(dim=(2, 3), keepdim=True) + _DARK))
+
+
+def _chromaticity(cells: torch.Tensor) -> torch.Tensor:
+    """Each cell's share of each channel (R, G, B over their sum), divided by the image's mean
+    share, centred, unit."""
+    cells = cells + _DARK
+    shares = cells / cells.sum(dim=1, keepdim=True)
+    return unit_centred(shares / shares.mean(dim=(2, 3), keepdim=True))
+
+
+def _shading_free(cells: torch.Tensor) -> torch.Tensor:
+    """The log of the cells, each channel's least-squares plane a + b·x + c·y over the cell grid
+    removed, centred, unit."""
+    logs = torch.log(cells + _DARK)  # [B, 3, side, side]
+    side = logs.shape[-1]
+    ramp = torch.arange(side, dtype=logs.dtype, device=logs.device) * (2.0 / max(side - 1, 1)) - 1.0
+    across, down = ramp.view(1, 1, 1, side), ramp.view(1, 1, side, 1)
+    # on this symmetric grid 1, x and y are orthogonal, so the plane is three separate projections
+    squares = side * (ramp * ramp).sum()
+    plane = (logs.mean(dim=(2, 3), keepdim=True) + across * (logs * across).sum(dim=(2, 3), keepdim=True) / squares
+             + down * (logs * down).sum(dim=(2, 3), keepdim=True) / squares)
+    return unit_centred(logs - plane)
+
+
+def _edges(cells: torch.Tensor) -> torch.Tensor:
+    """The oriented edges of each cell over the mean of all of them, square-rooted (so a few
+    strong edges do not drown the rest), centred, unit."""
     return unit_centred((cells / (cells.mean(dim=(1, 2, 3), keepdim=True) + 1e-6)).sqrt())
+
+
+@dataclass(frozen=True)
+class LayoutPart:
+    """One descriptor of a layout: ``source`` maps images [B, 3, H, W] and the crop share to a
+    map [B, channels, H', W'], ``describe`` maps that map average-pooled to side x side cells to a
+    unit row. A layout computes each source once, whatever the sides it pools it to.
+    ``part(images, side, crop)`` gives [B, channels * side * side] float32."""
+
+    source: Callable[[torch.Tensor, float], torch.Tensor]
+    describe: Callable[[torch.Tensor], torch.Tensor]
+    channels: int
+
+    def __call__(self, images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
+        return self.describe(F.adaptive_avg_pool2d(self.source(images, crop), side))
+
+
+colour_layout = LayoutPart(central_crop, _colour, 3)
+chromaticity_layout = LayoutPart(central_crop, _chromaticity, 3)
+shading_free_layout = LayoutPart(central_crop, _shading_free, 3)
+edge_layout = LayoutPart(oriented_edges, _edges, EDGE_BINS)
 
 
 #: Cells per side of the levels of ``lighting_robust_edges_pyramid``, each an equal share of its part.
 PYRAMID_SIDES = (4, 6, 8)
 #: One level of a layout: a part, its share of the layout's cosine, its cells per side.
-Level = tuple[Callable[..., torch.Tensor], float, int]
+Level = tuple[LayoutPart, float, int]
 
 _PHOTOMETRIC_AND_EDGES = ((colour_layout, 1 / 6), (chromaticity_layout, 1 / 6), (shading_free_layout, 1 / 6),
                           (edge_layout, 1 / 2))
@@ -120,21 +148,24 @@ LAYOUTS: dict[str, tuple[Level, ...]] = {
     "lighting_robust_edges": _levels(_PHOTOMETRIC_AND_EDGES),
     "lighting_robust_edges_pyramid": _levels(_PHOTOMETRIC_AND_EDGES, PYRAMID_SIDES),
 }
-#: Channels of each part's cells: a part has channels x side x side dimensions.
-PART_CHANNELS: dict[Callable[..., torch.Tensor], int] = {
-    colour_layout: 3, chromaticity_layout: 3, shading_free_layout: 3, edge_layout: EDGE_BINS}
 
 
 def layout_size(name: str) -> int:
     """Dimensions of layout ``name``: channels x side x side summed over its parts and levels."""
-    return sum(PART_CHANNELS[part] * side * side for part, _, side in LAYOUTS[name])
+    return sum(part.channels * side * side for part, _, side in LAYOUTS[name])
 
 
 def layout_embedding(images: torch.Tensor, name: str) -> torch.Tensor:
     """Layout ``name`` of ``images`` [B, 3, H, W]: its parts' levels side by side, each (a unit
     row) times the square root of its share, so rows stay unit and each level contributes its
-    share of a cosine: [B, layout_size(name)] float32."""
-    return torch.cat([part(images, side) * share ** 0.5 for part, share, side in LAYOUTS[name]], dim=1)
+    share of a cosine: [B, layout_size(name)] float32. Each part's source is computed once."""
+    sources: dict[Callable, torch.Tensor] = {}
+    rows = []
+    for part, share, side in LAYOUTS[name]:
+        if part.source not in sources:
+            sources[part.source] = part.source(images, LAYOUT_CROP)
+        rows.append(part.describe(F.adaptive_avg_pool2d(sources[part.source], side)) * share ** 0.5)
+    return torch.cat(rows, dim=1)
 
 
 def layout_baseline(layout_weight: float, name: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:

@@ -115,7 +115,11 @@ class LayoutPart:
     channels: int
 
     def __call__(self, images: torch.Tensor, side: int = LAYOUT_SIDE, crop: float = LAYOUT_CROP) -> torch.Tensor:
-        return self.describe(F.adaptive_avg_pool2d(self.source(images, crop), side))
+        return self.at_side(self.source(images, crop), side)
+
+    def at_side(self, source_map: torch.Tensor, side: int) -> torch.Tensor:
+        """The description of ``source_map`` (what ``source`` gave) average-pooled to side x side cells."""
+        return self.describe(F.adaptive_avg_pool2d(source_map, side))
 
 
 colour_layout = LayoutPart(central_crop, _colour, 3)
@@ -164,7 +168,7 @@ def layout_embedding(images: torch.Tensor, name: str) -> torch.Tensor:
     for part, share, side in LAYOUTS[name]:
         if part.source not in sources:
             sources[part.source] = part.source(images, LAYOUT_CROP)
-        rows.append(part.describe(F.adaptive_avg_pool2d(sources[part.source], side)) * share ** 0.5)
+        rows.append(part.at_side(sources[part.source], side) * share ** 0.5)
     return torch.cat(rows, dim=1)
 
 

@@ -253,6 +253,15 @@ def _frame_quad(rng: random.Random, width: int, height: int, pad: int, frame: Fr
     return quad
 
 
+@functools.lru_cache(maxsize=4)
+def _unit_grid(size: int) -> np.ndarray:
+    """[2, size, size] float32 (row, column) / size, read-only, computed once per size rather than
+    per capture."""
+    grid = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    grid.flags.writeable = False
+    return grid
+
+
 def capture(image: Image.Image, seed: int, size: int = 128, framing: str = "snug") -> Image.Image:
     """Photograph ``image`` with a hand-held camera: a ``size`` x ``size`` RGB image, the document
     framed as :data:`FRAMINGS` ``[framing]`` says."""
@@ -266,7 +275,7 @@ def capture(image: Image.Image, seed: int, size: int = 128, framing: str = "snug
     quad = _frame_quad(rng, w, h, pad, FRAMINGS[framing])
     canvas = canvas.transform((size, size), Image.QUAD, quad, resample=Image.BILINEAR)
     pixels = np.asarray(canvas, dtype=np.float32)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy, xx = _unit_grid(size)
     angle = rng.uniform(0, 2 * math.pi)
     light = 1.0 + rng.uniform(-0.35, 0.2) * (math.cos(angle) * (xx - 0.5) + math.sin(angle) * (yy - 0.5)) * 2
     if rng.random() < 0.5:  # glare spot

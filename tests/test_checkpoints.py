@@ -116,23 +116,27 @@ def test_a_wrong_registry_file_gets_one_line_and_status_2(files, kind, capsys):
 
 
 def test_the_same_weights_with_another_layout_are_another_model(files, tmp_path):
-    """The appended layout changes the embeddings, so its kind and weight are part of ``model_id``:
-    thresholds and registries of one are not used with the other."""
+    """The appended layout and the averaged crops change the embeddings, so the layout's kind and
+    weight and the crops are part of ``model_id``: thresholds and registries of one are not used
+    with the other."""
     state = read_checkpoint(files["good"])
+    assert "embed_crops" not in state["config"]  # a checkpoint from before the option: the image alone
     identities = {}
-    for layout, weight in [("colour", 0.0), ("lighting_robust", 0.0), ("lighting_robust", 0.5),
-                           ("lighting_robust", 0.4), ("colour", 0.5)]:
-        path = tmp_path / f"{layout}-{weight}" / "checkpoint.pt"
+    for layout, weight, crops in [("colour", 0.0, "full"), ("lighting_robust", 0.0, "full"),
+                                  ("lighting_robust", 0.5, "full"), ("lighting_robust", 0.4, "full"),
+                                  ("colour", 0.5, "full"), ("colour", 0.5, "shifted"), ("colour", 0.0, "shifted")]:
+        path = tmp_path / f"{layout}-{weight}-{crops}" / "checkpoint.pt"
         path.parent.mkdir()
-        save_checkpoint(path, {"model": state["model"],
-                               "config": {**state["config"], "layout": layout, "layout_weight": weight}})
-        identities[layout, weight] = CheckpointEmbedder(path, device="cpu").model_id
-    assert identities["colour", 0.0] == identities["lighting_robust", 0.0] == CheckpointEmbedder(files["good"]).model_id
-    assert len(set(identities.values())) == 4
+        save_checkpoint(path, {"model": state["model"], "config": {**state["config"], "layout": layout,
+                                                                   "layout_weight": weight, "embed_crops": crops}})
+        identities[layout, weight, crops] = CheckpointEmbedder(path, device="cpu").model_id
+    assert (identities["colour", 0.0, "full"] == identities["lighting_robust", 0.0, "full"]
+            == CheckpointEmbedder(files["good"]).model_id)
+    assert len(set(identities.values())) == 6
     points = [{"target_fpr": 1e-4, "threshold": 0.8, "reliable": True}]
-    other = tmp_path / "lighting_robust-0.4"  # its eval.json of the same weights at layout weight 0.5
+    other = tmp_path / "lighting_robust-0.4-full"  # its eval.json of the same weights at layout weight 0.5
     (other / "eval.json").write_text(json.dumps(
-        {"trained": {"model_id": identities["lighting_robust", 0.5], "verification": {"points": points}}}))
+        {"trained": {"model_id": identities["lighting_robust", 0.5, "full"], "verification": {"points": points}}}))
     with pytest.warns(UserWarning, match="evaluated another model .* another layout"):
         assert CheckpointEmbedder(other / "checkpoint.pt", device="cpu").operating_points == {}
 

@@ -11,7 +11,7 @@ import fastpfc.doc.ranks as ranks  # noqa: E402
 import fastpfc.doc.training as training  # noqa: E402
 from fastpfc.doc.baselines import BASELINES  # noqa: E402
 from fastpfc.doc.layouts import colour_layout, layout_embedding  # noqa: E402
-from fastpfc.doc.model import DocumentEmbedder  # noqa: E402
+from fastpfc.doc.model import EMBED_CROPS, DocumentEmbedder, crop_view  # noqa: E402
 from fastpfc.doc.training import TrainConfig, train  # noqa: E402
 
 
@@ -69,11 +69,48 @@ def test_the_layout_is_appended_to_the_embedding(layout, size):
     torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
 
 
+def test_crop_views_are_the_windows_they_name():
+    """On a 64-px picture whose pixels hold their own (row, column), each shifted view is a 58-px
+    window (90% of the side) moved 3 px off centre (5% of the side, rounded), resized back: its
+    corners hold the window's corners. The full view is the picture itself."""
+    coordinates = torch.arange(64, dtype=torch.float64)
+    picture = torch.stack(torch.meshgrid(coordinates, coordinates, indexing="ij"))[None]  # [1, 2, 64, 64]
+    first_row_and_column = [(3, 0), (3, 6), (0, 3), (6, 3)]  # moved left, right, up, down
+    assert crop_view(picture, *EMBED_CROPS["shifted"][0]) is picture
+    for view, (top, left) in zip(EMBED_CROPS["shifted"][1:], first_row_and_column, strict=True):
+        cropped = crop_view(picture, *view)
+        assert cropped.shape == picture.shape
+        assert cropped[0, :, 0, 0].tolist() == [top, left]
+        assert cropped[0, :, -1, -1].tolist() == [top + 57, left + 57]
+
+
+def test_shifted_crops_average_the_learned_part_over_five_views():
+    """``embed_crops="shifted"``: the learned part is the unit mean of the unit embeddings of the
+    picture and its four shifted 58-px windows resized back (float64 reference, windows cut by
+    hand); the layout is still the whole picture's."""
+    torch.manual_seed(0)
+    model = DocumentEmbedder(embedding_size=16, image_size=64, layout_weight=0.36, layout="colour",
+                             embed_crops="shifted").eval()
+    pictures = torch.rand(3, 3, 64, 64)
+    out = model.embed(pictures)
+    windows = [pictures[..., 3:61, 0:58], pictures[..., 3:61, 6:64],  # moved left, right
+               pictures[..., 0:58, 3:61], pictures[..., 6:64, 3:61]]  # up, down
+    views = [pictures] + [torch.nn.functional.interpolate(w, size=(64, 64), mode="bilinear") for w in windows]
+    with torch.no_grad():
+        units = [torch.nn.functional.normalize(model.double()(v.double()), dim=1) for v in views]
+    expected = torch.nn.functional.normalize(sum(units), dim=1)
+    torch.testing.assert_close(out[:, :16].double(), 0.8 * expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(out[:, 16:], 0.6 * layout_embedding(pictures, "colour"))
+    assert (out[:, :16].double() - 0.8 * units[0]).norm(dim=1).min() > 0.01  # not the picture alone
+    with pytest.raises(ValueError, match="unknown embed_crops 'tiles'; choose one of"):
+        DocumentEmbedder(embedding_size=16, image_size=64, embed_crops="tiles")
+
+
 def test_checkpoints_from_before_the_layout_option_keep_the_colour_layout():
     config = dict(backbone="lcnet_050", embedding_size=16, image_size=64, head_norm="ln+bn", head_thumbnail=8,
                   layout_weight=0.5)  # a config.json written before --layout existed
     model = DocumentEmbedder.from_config(config)
-    assert (model.layout, model.embedding_size) == ("colour", 16 + 192)
+    assert (model.layout, model.embedding_size, model.embed_crops) == ("colour", 16 + 192, "full")
     assert DocumentEmbedder.from_config(config | {"layout": "lighting_robust"}).embedding_size == 16 + 576
 
 

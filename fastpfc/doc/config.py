@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from fastpfc.optim import SparseAdamW, SparseSGD
 
 from .layouts import LAYOUTS
+from .model import EMBED_CROPS
 from .procedural import SOURCES
 from .synthetic import DOCUMENT_SOURCES, FRAMINGS
 
@@ -38,7 +39,7 @@ class TrainConfig:
     image_size: int = _option(128, "input images are image_size x image_size")
     head_norm: str = _option("ln+bn", "norms after the head's linear layers: ln+bn, ln or bn")
     head_thumbnail: int = _option(8, "the head also sees the input average-pooled to N x N (colour layout); 0: off")
-    layout_weight: float = _option(0.5, "share of the embedding's cosine given to a fixed layout of the image's "
+    layout_weight: float = _option(0.45, "share of the embedding's cosine given to a fixed layout of the image's "
                                         "central 70% in cells (--layout), appended to the learned embedding "
                                         "after training; 0: the learned embedding alone")
     layout: str = _option("lighting_robust_edges_pyramid",
@@ -46,6 +47,9 @@ class TrainConfig:
                           "(that, a chromaticity layout and a shading-free log layout, a third each), "
                           "lighting_robust_edges (those for half of the cosine, oriented edges for the other half) "
                           "or lighting_robust_edges_pyramid (that at 4 x 4, 6 x 6 and 8 x 8 cells, a third each)")
+    embed_crops: str = _option("shifted", "views of an image whose learned embeddings the embedding averages: full "
+                                          "(the image alone) or shifted (the image and four crops of 90% of its "
+                                          "side moved 5% up, down, left and right; five network passes per image)")
     data: str | None = _option(None, "folder of training images (default: the built-in synthetic images, see "
                                      "--synthetic)")
     data_layout: str = _option("per_image", "--data layout: per_image (each image a class) or subfolders")
@@ -114,6 +118,7 @@ _OPTION_RULES = {
     "head_thumbnail": (lambda v: v >= 0, "an integer >= 0"),
     "layout_weight": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "layout": (lambda v: v in LAYOUTS, f"one of {', '.join(LAYOUTS)}"),
+    "embed_crops": (lambda v: v in EMBED_CROPS, f"one of {', '.join(EMBED_CROPS)}"),
     "train_types": (lambda v: v >= 1, "an integer >= 1"),
     "per_type": (lambda v: v >= 1, "an integer >= 1"),
     "views": (lambda v: v >= 1, "an integer >= 1"),

@@ -33,14 +33,17 @@ _META_PREFIX = "fastpfc."
 
 def model_identity(model: nn.Module) -> str:
     """A digest of every parameter and buffer of ``model`` (names and bytes) and, when it appends a
-    layout (a :class:`DocumentEmbedder` with ``layout_weight`` > 0), of the layout and its weight:
-    the same weights with another layout give other embeddings, so they are another model."""
+    layout (a :class:`DocumentEmbedder` with ``layout_weight`` > 0), of the layout and its weight,
+    and when it averages crops (``embed_crops`` other than ``full``), of their name: the same
+    weights embedded another way give other embeddings, so they are another model."""
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     if getattr(model, "layout_weight", 0):
         digest.update(f"layout {model.layout} weight {float(model.layout_weight)!r}".encode())
+    if getattr(model, "embed_crops", "full") != "full":
+        digest.update(f"crops {model.embed_crops}".encode())
     return digest.hexdigest()[:20]
 
 
@@ -53,7 +56,7 @@ def _operating_points(eval_json: Path, model_id: str) -> dict[float, float]:
         trained = json.loads(eval_json.read_text())["trained"]
         if trained.get("model_id") != model_id:
             warnings.warn(f"{eval_json} evaluated another model than the checkpoint beside it (other weights, "
-                          "another layout, or a model id of an earlier version); its thresholds are not used "
+                          "another layout or crops, or a model id of an earlier version); its thresholds are not used "
                           "(evaluate this checkpoint with `fastpfc-doc eval`, or pass --threshold)",
                           stacklevel=3)
             return {}
@@ -80,7 +83,9 @@ class CheckpointEmbedder:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = DocumentEmbedder.from_config(config)
         self.model.load_state_dict(state["model"])
-        self.model.to(self.device).eval()
+        # channels_last as in training: on the 2-core CPU 1.62 against 2.09 ms per image (batches of
+        # 256), 6.1 against 11.0 with shifted crops; embeddings within 5e-8
+        self.model.to(self.device, memory_format=torch.channels_last).eval()
         self.image_size, self.dim = config["image_size"], self.model.embedding_size
         self.model_id = model_identity(self.model)
         self.operating_points = _operating_points(path.parent / "eval.json", self.model_id)
@@ -185,6 +190,7 @@ def export_onnx(embedder: CheckpointEmbedder, path: str | Path, opset: int = 18,
         raise ValueError(f"opset must be at least 17 (LayerNormalization), got {opset}")
     path = Path(path)
     model = copy.deepcopy(_Normalized(embedder.model)).cpu().float().eval()  # the embedder keeps its device
+    model.to(memory_format=torch.contiguous_format)
     size = embedder.image_size
     example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     partial = path.with_name(path.name + ".partial")

@@ -16,8 +16,8 @@ HEAD_NORMS = {
 }
 
 #: Views of an image whose learned embeddings :meth:`DocumentEmbedder.embed` averages, by name:
-#: (side, right, down): a square crop ``side`` times the image's side, centred and then moved right
-#: and down by those shares of the side, resized back to the full size. The camera's framing moves
+#: (side, right, down): a crop of ``side`` times the image's height and width, centred and then
+#: moved right and down by those shares of them, resized back to the full size. The camera's framing moves
 #: the learned features of a photograph much more than those of a document; their mean over
 #: shifted crops moves less.
 EMBED_CROPS = {

@@ -17,9 +17,9 @@ HEAD_NORMS = {
 
 #: Views of an image whose learned embeddings :meth:`DocumentEmbedder.embed` averages, by name:
 #: (side, right, down): a crop of ``side`` times the image's height and width, centred and then
-#: moved right and down by those shares of them, resized back to the full size. The camera's framing moves
-#: the learned features of a photograph much more than those of a document; their mean over
-#: shifted crops moves less.
+#: moved right and down by those shares of them, resized back to the full size. The camera's
+#: framing moves the learned features of a photograph much more than those of a document; their
+#: mean over shifted crops moves less.
 EMBED_CROPS = {
     "full": ((1.0, 0.0, 0.0),),
     "shifted": ((1.0, 0.0, 0.0), (0.9, -0.05, 0.0), (0.9, 0.05, 0.0), (0.9, 0.0, -0.05), (0.9, 0.0, 0.05)),
@@ -139,6 +139,7 @@ class DocumentEmbedder(nn.Module):
         """Unit embeddings [B, embedding_size] float32: the learned one (averaged over the
         ``embed_crops`` views), followed by the layout when ``layout_weight`` > 0."""
         views = [F.normalize(self(crop_view(images, *view)).float(), dim=1) for view in EMBED_CROPS[self.embed_crops]]
+        # one view is already unit: not normalised again, so ``full`` embeds exactly as before the crops
         learned = views[0] if len(views) == 1 else F.normalize(torch.stack(views).sum(dim=0), dim=1)
         if not self.layout_weight:
             return learned

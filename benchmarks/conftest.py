@@ -8,6 +8,9 @@ import pytest
 import torch
 
 from benchmarks import summary
+from fastpfc.profiling import track_cpu_allocations
+
+track_cpu_allocations()  # before any case allocates: CPU peak memory sees every large buffer
 
 
 @pytest.fixture(scope="session")

@@ -17,3 +17,7 @@ if not torch.cuda.is_available():
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
+
+from fastpfc.profiling import track_cpu_allocations  # noqa: E402 - after TRITON_INTERPRET is set
+
+track_cpu_allocations()  # before any test allocates: CPU peak memory sees every large buffer

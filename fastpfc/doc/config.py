@@ -32,14 +32,14 @@ class TrainConfig:
     """Everything a run needs; ``train.py`` turns each field into a command-line option."""
 
     run_dir: str = _option("runs/default", "run folder: config, checkpoint, metrics, eval, plots")
-    backbone: str = _option("lcnet_050", "timm backbone name")
+    backbone: str = _option("mobilenetv3_small_050", "timm backbone name")
     weights: str | None = _option(None, "local file of pretrained backbone weights (nothing is downloaded)")
     embedding_size: int = _option(256, "learned embedding dimension (--layout-weight appends the layout's fixed ones: "
                                         "1740 for the default --layout)")
     image_size: int = _option(128, "input images are image_size x image_size")
     head_norm: str = _option("ln+bn", "norms after the head's linear layers: ln+bn, ln or bn")
     head_thumbnail: int = _option(8, "the head also sees the input average-pooled to N x N (colour layout); 0: off")
-    layout_weight: float = _option(0.45, "share of the embedding's cosine given to a fixed layout of the image's "
+    layout_weight: float = _option(0.5, "share of the embedding's cosine given to a fixed layout of the image's "
                                         "central 70% in cells (--layout), appended to the learned embedding "
                                         "after training; 0: the learned embedding alone")
     layout: str = _option("lighting_robust_edges_pyramid",

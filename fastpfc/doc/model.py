@@ -91,7 +91,7 @@ class DocumentEmbedder(nn.Module):
     the image and four crops of 90% of its side moved by 5% (five forward passes per image).
     """
 
-    def __init__(self, backbone: str = "lcnet_050", embedding_size: int = 256, image_size: int = 128,
+    def __init__(self, backbone: str = "mobilenetv3_small_050", embedding_size: int = 256, image_size: int = 128,
                  head_norm: str = "ln+bn", weights: str | None = None, head_thumbnail: int = 0,
                  layout_weight: float = 0.0, layout: str = "colour", embed_crops: str = "full") -> None:
         super().__init__()

@@ -128,6 +128,10 @@ def test_eval_without_a_folder_runs_the_real_image_check_beside_the_baselines(ch
     assert code == 0 and "real images" in lines[0] and "top-1" in lines[1]
     assert [line.split()[0] for line in lines[2:]] == ["model", "layout", "raw_pixels", "colour_thumbnail",
                                                        "colour_histogram"]  # the checkpoint appends a layout
+    code, harsh, _ = _run(capsys, "eval", "-m", checkpoint, "--captures", "2", "--harsh-light")
+    assert code == 0 and "harsh light" in harsh.splitlines()[0] and harsh.splitlines()[2:] != lines[2:]
+    code, _, err = _run(capsys, "eval", "-m", checkpoint, "--harsh-light", "some/folder")
+    assert code == 2 and "does not apply to a folder" in err
 
 
 def test_onnx_export_matches_pytorch_at_any_batch(checkpoint, onnx_model, tmp_path, monkeypatch):

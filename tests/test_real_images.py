@@ -15,12 +15,14 @@ from fastpfc.doc.baselines import BASELINES, colour_histogram, colour_thumbnail,
 from fastpfc.doc.evaluation import evaluate_embedder, evaluate_embedders, summary_table  # noqa: E402
 from fastpfc.doc.real_images import (  # noqa: E402
     CARD_ASPECT,
+    HARSH_LIGHT,
     RealImageCaptures,
     _homography,
     card_crops,
     photograph,
     real_image_check,
     real_templates,
+    under_harsh_light,
 )
 
 
@@ -64,6 +66,60 @@ def test_photographs_are_reproducible_and_differ_by_seed():
     assert np.abs(first.astype(int) - other.astype(int)).mean() > 3
     clean = np.asarray(template.resize((48, 48), Image.BILINEAR))
     assert np.abs(first.astype(int) - clean.astype(int)).mean() > 3  # a capture is not the template
+
+
+def _card() -> Image.Image:
+    """A card of random mid-tone colours (no pixel near black or white), 60 x 38."""
+    pixels = np.random.default_rng(3).integers(60, 200, (38, 60, 3)).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def test_each_harsh_light_effect_changes_the_card_its_own_way():
+    card = _card()
+    before = np.asarray(card, dtype=np.int64)
+    for seed in range(5):
+        lit = {name: np.asarray(effect(card, np.random.default_rng(seed)), dtype=np.int64)
+               for name, effect in HARSH_LIGHT.items()}
+        assert all(image.shape == before.shape for image in lit.values())
+        reflection = lit["reflection"] - before
+        assert reflection.min() >= 0 and (lit["reflection"] == 255).all(axis=2).any()  # added light clips to white
+        for name in ("shadow", "falloff"):  # darker somewhere, nowhere brighter, nowhere black
+            change = lit[name] - before
+            assert change.max() <= 0 and change.min() < -30 and lit[name].min() >= 0.3 * 60 - 1, name
+        # a cast moves the channels apart: the ratio of the mean channels changes by a tenth or more
+        ratio_before, ratio_after = before.mean(axis=(0, 1)), lit["cast"].mean(axis=(0, 1))
+        assert np.abs(np.log(ratio_after / ratio_before) - np.log(ratio_after / ratio_before).mean()).max() > 0.1
+
+
+def _effect_seen(before: np.ndarray, lit: np.ndarray) -> str:
+    """Which :data:`HARSH_LIGHT` effect made ``lit`` of ``before``, told by how the pixels moved:
+    only up (a reflection), up and down (a cast), only down over nearly all (a falloff; the light
+    is 1 only at the corner nearest the lamp) or over part of the card (a shadow)."""
+    change = lit.astype(np.int64) - before.astype(np.int64)
+    if change.min() >= 0:
+        return "reflection"
+    if change.max() > 0:
+        return "cast"
+    return "falloff" if (change < -3).any(axis=2).mean() > 0.9 else "shadow"
+
+
+def test_harsh_light_is_reproducible_and_draws_every_effect():
+    card, before = _card(), np.asarray(_card())
+    first, again = (np.asarray(under_harsh_light(card, 11)) for _ in range(2))
+    assert np.array_equal(first, again) and not np.array_equal(first, before)
+    for name, effect in HARSH_LIGHT.items():  # the signature tells each effect apart
+        assert all(_effect_seen(before, np.asarray(effect(card, np.random.default_rng(seed)))) == name
+                   for seed in range(10)), name
+    drawn = [_effect_seen(before, np.asarray(under_harsh_light(card, seed))) for seed in range(40)]
+    assert set(drawn) == set(HARSH_LIGHT) and max(drawn.count(name) for name in HARSH_LIGHT) < 20
+
+
+def test_check_under_harsh_light_keeps_the_gallery_and_lights_the_queries():
+    plain_queries, plain_gallery, plain_registered = real_image_check(size=32, captures=2)
+    queries, gallery, registered = real_image_check(size=32, captures=2, harsh_light=True)
+    assert registered == plain_registered and queries.labels == plain_queries.labels
+    assert all(torch.equal(gallery[i][0], plain_gallery[i][0]) for i in (0, 7))
+    assert sum(not torch.equal(queries[i][0], plain_queries[i][0]) for i in range(6)) == 6
 
 
 def test_check_registers_every_template_once_clean():
@@ -131,7 +187,12 @@ def test_summary_table_lists_every_embedder_and_marks_unmeasurable_points():
         result["real_images"] = result
     table = summary_table(results)
     lines = table.splitlines()
-    assert len(lines) == 2 + len(BASELINES) and "real images" in lines[0]
+    assert len(lines) == 2 + len(BASELINES) and "real images" in lines[0] and "harsh light" not in lines[0]
+    assert all(line.count("|") == 2 for line in lines)
+    results["raw_pixels"]["real_images_harsh_light"] = results["raw_pixels"]
+    lines = summary_table(results).splitlines()
+    assert "| real, harsh light" in lines[0] and lines[1].count("top-1") == 3
+    assert next(line for line in lines if line.startswith("raw_pixels")).count("|") == 3
     for name, result in results.items():
         row = next(line for line in lines if line.startswith(name))
         reliable = result["verification"]["points"][1]["reliable"]

@@ -59,3 +59,5 @@ def test_the_evaluation_images_are_rendered_once_per_run(monkeypatch):
     direct = evaluate_embedders(BASELINES, *evaluation_data(config))  # the datasets themselves
     assert all(first[name]["verification"] == direct[name]["verification"] for name in BASELINES)
     assert first["raw_pixels"]["real_images"]["registration"]["num_registered_queries"] > 0
+    plain, harsh = (first["raw_pixels"][key]["verification"] for key in ("real_images", "real_images_harsh_light"))
+    assert plain["num_genuine"] == harsh["num_genuine"] > 0 and plain != harsh  # the same pairs, other photographs

@@ -340,6 +340,7 @@ def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_ba
     for name, result in results.items():
         real = result["real_images"]["registration"]
         assert real["num_registered_queries"] == 2 * len(real_templates()) and real["rejection_rate"] is None, name
+        assert result["real_images_harsh_light"]["registration"]["num_registered_queries"] == 2 * len(real_templates())
         assert result["verification"]["num_genuine"] == 6 * 3, name  # the synthetic evaluation: 6 types x 3
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["colour_thumbnail"]["real_images"]["registration"] == \

@@ -7,6 +7,7 @@
     fastpfc-doc export -m runs/default/checkpoint.pt -o model.onnx
     fastpfc-doc eval -m model.onnx some/folder/of/class/sub-folders
     fastpfc-doc eval -m runs/default/checkpoint.pt                     # the bundled real-image check
+    fastpfc-doc eval -m runs/default/checkpoint.pt --harsh-light       # the same under harsh light
 
 ``--model`` is a ``train.py`` checkpoint (its run's eval.json gives the ``--fpr`` thresholds) or an
 exported ``.onnx`` file; a registry remembers which model built it and refuses any other.
@@ -174,10 +175,13 @@ def export(args) -> int:
 def evaluate(args) -> int:
     if args.captures < 2:
         raise ValueError(f"--captures must be at least 2 (pairs of one template are needed), got {args.captures}")
+    if args.harsh_light and args.folder is not None:
+        raise ValueError("--harsh-light lights the bundled real-image check; it does not apply to a folder")
     embedder = load_embedder(args.model)
     if args.folder is None:
-        data = real_image_check(embedder.image_size, args.captures)
-        title = f"real images ({len(data[2])} templates x {args.captures} photographs)"
+        data = real_image_check(embedder.image_size, args.captures, harsh_light=args.harsh_light)
+        title = f"real images ({len(data[2])} templates x {args.captures} photographs" + (
+            ", harsh light)" if args.harsh_light else ")")
     else:
         data = registration_split(ImageFolderDataset(args.folder, "subfolders", embedder.image_size))
         title = args.folder
@@ -247,6 +251,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_argument("folder", nargs="?", help="<folder>/<class>/image; the first image of each of the first half "
                                                "of the classes is registered")
     sub.add_argument("--captures", type=int, default=8, help="without a folder: photographs per real template")
+    sub.add_argument("--harsh-light", action="store_true",
+                     help="without a folder: each template lit by a reflection, a shadow, a falloff or a colour cast")
     sub.add_argument("--json", action="store_true", help="JSON output (without the ROC curves)")
     sub = command("synth", synth, "write synthetic register/, new/ and queries/ folders", registry=False)
     sub.add_argument("output")

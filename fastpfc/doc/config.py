@@ -69,8 +69,8 @@ class TrainConfig:
                             "--batch-size; 1: every item drawn on its own)")
     eval_types: int = _option(100, "unseen synthetic types to evaluate on")
     eval_per_type: int = _option(8, "captures per evaluation type")
-    real_captures: int = _option(8, "photographs per template of the real-image check (sample images shipped by "
-                                    "scikit-image and matplotlib); 0 skips the check")
+    real_captures: int = _option(8, "photographs per template of the real-image checks, plain and under harsh "
+                                    "light (sample images shipped by scikit-image and matplotlib); 0 skips them")
     steps: int = _option(800, "optimizer steps")
     batch_size: int = _option(64, "images per step")
     lr: float = _option(6e-3, "peak learning rate of the backbone and head")

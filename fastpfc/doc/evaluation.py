@@ -191,10 +191,15 @@ def evaluate_embedder(embed, queries, gallery, registered: list[int], batch_size
     return evaluate_embedders({"model": embed}, queries, gallery, registered, batch_size)["model"]
 
 
+#: Further sets a result may hold, by key, with their title in :func:`summary_table`.
+EXTRA_SETS = {"real_images": "real images", "real_images_harsh_light": "real, harsh light"}
+
+
 def summary_table(results: dict[str, dict], first: str = "unseen synthetic") -> str:
     """A text table of :func:`evaluate_embedders`-style results (name -> result, each optionally
-    with a ``real_images`` result): TPR at FPR 1e-4 and 1e-3, registration accuracy (at the 1e-4
-    threshold) and top-1. A TPR whose FPR is not measurable on this many pairs is shown as ``n/a``."""
+    with results of :data:`EXTRA_SETS` under their keys): TPR at FPR 1e-4 and 1e-3, registration
+    accuracy (at the 1e-4 threshold) and top-1, a block per set. A TPR whose FPR is not measurable
+    on this many pairs is shown as ``n/a``."""
     def cells(result: dict) -> list[str]:
         points = {p["target_fpr"]: p for p in result["verification"]["points"]}
         registration = result["registration"]
@@ -202,12 +207,13 @@ def summary_table(results: dict[str, dict], first: str = "unseen synthetic") -> 
             "-" if registration[k] is None else f"{registration[k]:.3f}" for k in ("accuracy", "top1")]
 
     columns = ["TPR@1e-4", "TPR@1e-3", "register", "top-1"]
-    sets = [first] + (["real images"] if any("real_images" in r for r in results.values()) else [])
+    extra = [key for key in EXTRA_SETS if any(key in r for r in results.values())]
+    sets = [first] + [EXTRA_SETS[key] for key in extra]
     width = max(len(name) for name in results) + 2
     lines = [" " * width + "".join(f"| {s:<{9 * len(columns) + 1}}" for s in sets),
              " " * width + ("| " + "".join(f"{c:>9}" for c in columns) + " ") * len(sets)]
     for name, result in results.items():
-        row = cells(result) + (cells(result["real_images"]) if "real_images" in result else [])
+        row = cells(result) + [cell for key in extra if key in result for cell in cells(result[key])]
         lines.append(f"{name:<{width}}" + "".join("| " + "".join(f"{c:>9}" for c in row[i:i + 4]) + " "
                                                 for i in range(0, len(row), 4)))
     return "\n".join(lines)

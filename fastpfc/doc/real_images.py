@@ -6,6 +6,11 @@ Each template is registered once, clean, and queried by captures of a camera mod
 from the training augmentation (:func:`photograph` here, not :func:`fastpfc.doc.synthetic.capture`):
 another perspective and background, vignetting, white balance, gamma, defocus or motion blur,
 resolution loss, sensor noise and JPEG. Nothing trained ever sees these images.
+
+The check under harsh light (``harsh_light=True``) puts one lighting effect on each card before it
+is photographed, drawn from :data:`HARSH_LIGHT` (a lamp's reflection that clips to white, a soft
+shadow, light falling off from one corner, a strong colour cast): the effects a capture model of real
+documents names beside the camera's geometry, written apart from the training capture's.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from .images import ClassItems, read_image, to_tensor
 
@@ -95,6 +100,85 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
 
 
+def _card_grid(card: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of every pixel of ``card`` as shares of its width and height: two [H, W] float32."""
+    w, h = card.size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    return xx / w, yy / h
+
+
+def _lit(pixels: np.ndarray) -> Image.Image:
+    """``pixels`` (float, 0..255 scale, any range) clipped to 8 bits as an RGB image."""
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def _blurred_polygon(card: Image.Image, corners: list[tuple[float, float]], blur: float) -> np.ndarray:
+    """A [H, W, 1] float32 mask in [0, 1] of the polygon ``corners`` (shares of the card's width
+    and height) with edges softened by a Gaussian of ``blur`` times the card's longer side."""
+    w, h = card.size
+    mask = Image.new("L", card.size, 0)
+    ImageDraw.Draw(mask).polygon([(x * w, y * h) for x, y in corners], fill=255)
+    mask = mask.filter(ImageFilter.GaussianBlur(blur * max(w, h)))
+    return np.asarray(mask, dtype=np.float32)[..., None] / 255.0
+
+
+def lamp_reflection(card: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A lamp's or window's reflection on a glossy card: an elongated soft-edged streak of added
+    light that clips to white at its core."""
+    cx, cy = rng.uniform(0.2, 0.8, 2)
+    length, width, turn = rng.uniform(0.3, 0.7), rng.uniform(0.06, 0.15), rng.uniform(0, math.pi)
+    along, across = np.array([math.cos(turn), math.sin(turn)]), np.array([-math.sin(turn), math.cos(turn)])
+    corners = [tuple(np.array([cx, cy]) + a * length / 2 * along + b * width / 2 * across)
+               for a, b in ((-1, -1), (1, -1), (1, 1), (-1, 1))]
+    streak = _blurred_polygon(card, corners, rng.uniform(0.15, 0.35) * width)  # soft edges, a full core
+    return _lit(np.asarray(card, dtype=np.float32) + rng.uniform(0.6, 1.2) * 255.0 * streak)
+
+
+def soft_shadow(card: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The soft shadow of a hand or a phone over one side of the card: a blurred region reaching in
+    from one edge, darkened to 40-70%."""
+    depth, spread = rng.uniform(0.25, 0.6), rng.uniform(0.1, 0.4)
+    start = rng.uniform(-0.2, 0.6)
+    end = start + rng.uniform(0.4, 0.9)  # along the edge: at least 0.2 of it in the shadow
+    # a quad reaching in from the left edge, then turned to one of the four edges
+    corners = [(-0.5, start - spread), (depth, start), (depth + rng.uniform(-0.15, 0.15), end), (-0.5, end + spread)]
+    edge = int(rng.integers(4))
+    turned = [[(x, y), (1 - x, y), (y, x), (y, 1 - x)][edge] for x, y in corners]
+    shade = _blurred_polygon(card, turned, rng.uniform(0.02, 0.08))
+    darkest = rng.uniform(0.4, 0.7)
+    return _lit(np.asarray(card, dtype=np.float32) * (1 - (1 - darkest) * shade))
+
+
+def corner_falloff(card: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Light from a lamp beyond one corner: brightness falling with the distance from it, to
+    35-60% at the far side."""
+    xx, yy = _card_grid(card)
+    lx, ly = rng.choice((-0.3, 1.3)) + rng.uniform(-0.2, 0.2), rng.choice((-0.3, 1.3)) + rng.uniform(-0.2, 0.2)
+    distance = np.hypot(xx - lx, yy - ly)
+    near, far = distance.min(), distance.max()
+    light = 1.0 - (1.0 - rng.uniform(0.35, 0.6)) * (distance - near) / (far - near)
+    return _lit(np.asarray(card, dtype=np.float32) * light[..., None])
+
+
+def colour_cast(card: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """A strong colour cast: a tungsten (warm) or a shade or fluorescent (cool or green) light
+    not corrected by the camera's white balance."""
+    gains = np.array([(1.25, 1.0, 0.7), (0.8, 0.95, 1.2), (0.9, 1.12, 0.85)][int(rng.integers(3))], dtype=np.float32)
+    gains = gains * np.exp(rng.normal(0, 0.05, 3)).astype(np.float32)
+    return _lit(np.asarray(card, dtype=np.float32) * gains)
+
+
+#: The lighting effects of the check under harsh light, by name: (card, rng) -> card.
+HARSH_LIGHT = {"reflection": lamp_reflection, "shadow": soft_shadow, "falloff": corner_falloff, "cast": colour_cast}
+
+
+def under_harsh_light(template: Image.Image, seed: int) -> Image.Image:
+    """``template`` with one :data:`HARSH_LIGHT` effect, chosen and drawn by ``seed``."""
+    rng = np.random.default_rng([seed, 0x11647])
+    effects = list(HARSH_LIGHT.values())
+    return effects[int(rng.integers(len(effects)))](template.convert("RGB"), rng)
+
+
 def photograph(template: Image.Image, seed: int, size: int = 128) -> Image.Image:
     """A ``size`` x ``size`` RGB photo of ``template`` lying on a surface, taken by a phone camera and
     cropped to the card (which, like the clean template, then fills a square)."""
@@ -146,25 +230,30 @@ def photograph(template: Image.Image, seed: int, size: int = 128) -> Image.Image
 
 
 class RealImageCaptures(ClassItems):
-    """``captures`` photographs of every real template (``clean=False``), or the template itself
-    resized (``clean=True``, one item per template), as ([3, size, size] float, template index)."""
+    """``captures`` photographs of every real template (``clean=False``; each under one
+    :data:`HARSH_LIGHT` effect with ``harsh_light``), or the template itself resized (``clean=True``,
+    one item per template), as ([3, size, size] float, template index)."""
 
-    def __init__(self, captures: int, size: int = 128, seed: int = 0, clean: bool = False) -> None:
+    def __init__(self, captures: int, size: int = 128, seed: int = 0, clean: bool = False,
+                 harsh_light: bool = False) -> None:
         self.templates = real_templates()
         self.num_classes, self.per_class = len(self.templates), 1 if clean else captures
-        self.size, self.seed, self.clean = size, seed, clean
+        self.size, self.seed, self.clean, self.harsh_light = size, seed, clean, harsh_light
 
     def __getitem__(self, item: int) -> tuple[torch.Tensor, int]:
         label, capture = divmod(item, self.per_class)
         template = self.templates[label][1]
         if self.clean:
             return to_tensor(template.resize((self.size, self.size), Image.BILINEAR)), label
-        return to_tensor(photograph(template, seed=(self.seed * 1_000_003 + label) * 101 + capture,
-                                    size=self.size)), label
+        seed = (self.seed * 1_000_003 + label) * 101 + capture
+        if self.harsh_light:
+            template = under_harsh_light(template, seed)
+        return to_tensor(photograph(template, seed=seed, size=self.size)), label
 
 
-def real_image_check(size: int, captures: int = 8, seed: int = 0) -> tuple:
+def real_image_check(size: int, captures: int = 8, seed: int = 0, harsh_light: bool = False) -> tuple:
     """(queries, gallery, registered classes) for :func:`fastpfc.doc.evaluation.evaluate_embedder`:
-    every template registered once, clean; the queries are its photographs."""
+    every template registered once, clean; the queries are its photographs (under harsh light
+    with ``harsh_light``: the same camera, each card lit by one :data:`HARSH_LIGHT` effect)."""
     gallery = RealImageCaptures(1, size, seed, clean=True)
-    return RealImageCaptures(captures, size, seed), gallery, list(range(gallery.num_classes))
+    return RealImageCaptures(captures, size, seed, harsh_light=harsh_light), gallery, list(range(gallery.num_classes))

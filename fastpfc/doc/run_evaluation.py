@@ -61,10 +61,15 @@ def preload(queries, gallery, registered: list[int]) -> tuple:
     return loaded, Preloaded(gallery), registered
 
 
+#: The real-image checks a run reports beside the synthetic evaluation: the key of each in a
+#: result (eval.json) -> whether its photographs are taken under harsh light.
+REAL_CHECKS = {"real_images": False, "real_images_harsh_light": True}
+
+
 class EvaluationSets:
     """A run's evaluation images, each read at its first use and then kept: ``synthetic``
-    (:func:`evaluation_data`) and ``real`` (the real-image check; ``None`` with
-    ``--real-captures 0``), as (queries, gallery, registered) triples."""
+    (:func:`evaluation_data`) and ``real`` (the real-image checks by their :data:`REAL_CHECKS`
+    key; empty with ``--real-captures 0``), as (queries, gallery, registered) triples."""
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
@@ -74,23 +79,24 @@ class EvaluationSets:
         return preload(*evaluation_data(self.config))
 
     @functools.cached_property
-    def real(self) -> tuple | None:
+    def real(self) -> dict[str, tuple]:
         config = self.config
         if not config.real_captures:
-            return None
-        return preload(*real_image_check(config.image_size, config.real_captures, config.seed))
+            return {}
+        return {key: preload(*real_image_check(config.image_size, config.real_captures, config.seed, harsh_light))
+                for key, harsh_light in REAL_CHECKS.items()}
 
 
 def evaluate(embedders: dict, sets: EvaluationSets) -> dict:
     """Each embedder's (name -> images [B, 3, S, S] -> unit rows) TPR@FPR over all pairs of the
     evaluation images (unseen classes) and registration accuracy at the FPR=1e-4 threshold (see
-    :func:`evaluation_data`), with the same for the real-image check under ``real_images`` when
-    ``--real-captures`` is not 0."""
+    :func:`evaluation_data`), with the same for each real-image check under its
+    :data:`REAL_CHECKS` key when ``--real-captures`` is not 0."""
     results = evaluate_embedders(embedders, *sets.synthetic)
-    if sets.real is not None:
-        real = evaluate_embedders(embedders, *sets.real)
+    for key, data in sets.real.items():
+        real = evaluate_embedders(embedders, *data)
         for name, result in results.items():
-            result["real_images"] = real[name]
+            result[key] = real[name]
     return results
 
 

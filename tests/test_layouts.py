@@ -147,17 +147,21 @@ def test_layout_embedding_is_its_levels_in_their_shares(name, images):
 
 def test_the_edges_are_half_of_the_edges_layouts(images):
     """Of the cosine of two ``lighting_robust_edges`` layouts the edges part gives half and the
-    three photometric parts a sixth each (a cosine of identical images: 1 = 1/2 + 3 x 1/6); the
-    pyramid gives the same parts the same shares, split equally over its three sides."""
+    three photometric parts a sixth each (a cosine of identical images: 1 = 1/2 + 3 x 1/6)."""
     got = layout_embedding(images, "lighting_robust_edges")
     photometric, edges = got.split([576, 64 * EDGE_BINS], dim=1)
     torch.testing.assert_close(edges.norm(dim=1) ** 2, torch.full((3,), 0.5))
     torch.testing.assert_close(edges, edge_layout(images) * 0.5 ** 0.5)
     torch.testing.assert_close(photometric, layout_embedding(images, "lighting_robust") * 0.5 ** 0.5)
 
-    levels = LAYOUTS["lighting_robust_edges_pyramid"]
-    blocks = layout_embedding(images, "lighting_robust_edges_pyramid").split(
-        [part.channels * side * side for part, _, side in levels], dim=1)
+
+@pytest.mark.parametrize("name, edges_share", [("lighting_robust_edges_pyramid", 1 / 2),
+                                               ("edge_weighted_pyramid", 2 / 3)])
+def test_a_pyramid_gives_each_part_its_share_split_equally_over_its_sides(name, edges_share, images):
+    """The edges part gets its share of the cosine, the three photometric parts the rest equally,
+    and each of the three sides a third of every part."""
+    levels = LAYOUTS[name]
+    blocks = layout_embedding(images, name).split([part.channels * side * side for part, _, side in levels], dim=1)
     by_part, by_side = {}, {}
     for (part, _, side), block in zip(levels, blocks, strict=True):
         energy = block.norm(dim=1) ** 2
@@ -166,9 +170,12 @@ def test_the_edges_are_half_of_the_edges_layouts(images):
     assert sorted(by_side) == sorted(PYRAMID_SIDES) == [4, 6, 8]
     for side_energy in by_side.values():
         torch.testing.assert_close(side_energy, torch.full((3,), 1 / 3))
-    torch.testing.assert_close(by_part[edge_layout], torch.full((3,), 0.5))
+    torch.testing.assert_close(by_part[edge_layout], torch.full((3,), edges_share))
     for part in (colour_layout, chromaticity_layout, shading_free_layout):
-        torch.testing.assert_close(by_part[part], torch.full((3,), 1 / 6))
+        torch.testing.assert_close(by_part[part], torch.full((3,), (1 - edges_share) / 3))
+    for side in PYRAMID_SIDES:  # each level is its part at that side, not merely of the right size
+        block = next(b for (part, _, s), b in zip(levels, blocks, strict=True) if part is edge_layout and s == side)
+        torch.testing.assert_close(block, edge_layout(images, side) * (edges_share / 3) ** 0.5)
 
 
 def test_the_pyramid_forgives_a_shifted_frame_more_than_eight_by_eight_cells():

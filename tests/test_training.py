@@ -55,7 +55,7 @@ def test_thumbnail_head_sees_the_mean_removed_pooled_input():
 
 
 @pytest.mark.parametrize("layout, size", [("colour", 192), ("lighting_robust", 576), ("lighting_robust_edges", 960),
-                                          ("lighting_robust_edges_pyramid", 1740)])
+                                          ("lighting_robust_edges_pyramid", 1740), ("edge_weighted_pyramid", 1740)])
 def test_the_layout_is_appended_to_the_embedding(layout, size):
     """``layout_weight=w`` appends the layout times sqrt(w) to the learned unit embedding times
     sqrt(1 - w) in ``embed`` (``forward``, what the loss sees, is the learned embedding alone)."""

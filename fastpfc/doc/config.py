@@ -42,11 +42,12 @@ class TrainConfig:
     layout_weight: float = _option(0.5, "share of the embedding's cosine given to a fixed layout of the image's "
                                         "central 70% in cells (--layout), appended to the learned embedding "
                                         "after training; 0: the learned embedding alone")
-    layout: str = _option("lighting_robust_edges_pyramid",
+    layout: str = _option("edge_weighted_pyramid",
                           "the fixed layout: colour (each channel over its mean, 8 x 8 cells), lighting_robust "
                           "(that, a chromaticity layout and a shading-free log layout, a third each), "
-                          "lighting_robust_edges (those for half of the cosine, oriented edges for the other half) "
-                          "or lighting_robust_edges_pyramid (that at 4 x 4, 6 x 6 and 8 x 8 cells, a third each)")
+                          "lighting_robust_edges (those for half of the cosine, oriented edges for the other half), "
+                          "lighting_robust_edges_pyramid (that at 4 x 4, 6 x 6 and 8 x 8 cells, a third each) "
+                          "or edge_weighted_pyramid (that with the edges at two thirds of the cosine)")
     embed_crops: str = _option("shifted", "views of an image whose learned embeddings the embedding averages: full "
                                           "(the image alone) or shifted (the image and four crops of 90% of its "
                                           "side moved 5% up, down, left and right; five network passes per image)")

@@ -85,7 +85,7 @@ class DocumentEmbedder(nn.Module):
     parts layout, 1 - w parts learned. The loss trains the learned part (``forward``) alone.
     ``embedding_size`` is what :meth:`embed` gives: the ``embedding_size`` asked for
     (``learned_size``) plus the layout's dimensions (192 for ``colour``, 576 for
-    ``lighting_robust``, 960 for ``lighting_robust_edges``, 1740 for ``lighting_robust_edges_pyramid``).
+    ``lighting_robust``, 960 for ``lighting_robust_edges``, 1740 for either pyramid).
     ``embed_crops`` (one of :data:`EMBED_CROPS`) names the views whose learned embeddings
     :meth:`embed` averages (unit mean of unit vectors): ``full``, the image alone, or ``shifted``,
     the image and four crops of 90% of its side moved by 5% (five forward passes per image).

@@ -5,8 +5,8 @@ import torch
 
 from fastpfc.doc.baselines import BASELINES
 from fastpfc.doc.config import TrainConfig
-from fastpfc.doc.evaluation import evaluate_embedders, registration_split
-from fastpfc.doc.run_evaluation import EvaluationSets, Preloaded, evaluate, evaluation_data, preload
+from fastpfc.doc.evaluation import EXTRA_SETS, evaluate_embedders, registration_split
+from fastpfc.doc.run_evaluation import REAL_CHECKS, EvaluationSets, Preloaded, evaluate, evaluation_data, preload
 from fastpfc.doc.synthetic import SyntheticDocuments
 
 
@@ -61,3 +61,4 @@ def test_the_evaluation_images_are_rendered_once_per_run(monkeypatch):
     assert first["raw_pixels"]["real_images"]["registration"]["num_registered_queries"] > 0
     plain, harsh = (first["raw_pixels"][key]["verification"] for key in ("real_images", "real_images_harsh_light"))
     assert plain["num_genuine"] == harsh["num_genuine"] > 0 and plain != harsh  # the same pairs, other photographs
+    assert set(first["raw_pixels"]) >= set(REAL_CHECKS) and set(REAL_CHECKS) <= set(EXTRA_SETS)  # each has a title

@@ -11,6 +11,8 @@ from fastpfc.doc.layouts import (
     EDGE_RESOLUTION,
     LAYOUTS,
     PYRAMID_SIDES,
+    Layout,
+    _turn_grid,
     chromaticity_layout,
     colour_layout,
     edge_layout,
@@ -18,6 +20,7 @@ from fastpfc.doc.layouts import (
     layout_embedding,
     layout_size,
     shading_free_layout,
+    turned,
 )
 
 
@@ -135,14 +138,80 @@ def test_each_part_ignores_its_camera_change():
 
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_layout_embedding_is_its_levels_in_their_shares(name, images):
+    """Each level is its part at its side times the square root of its share; a layout with turns
+    is the unit mean of that over the image and the image turned each way."""
     got = layout_embedding(images, name)
-    levels = LAYOUTS[name]
+    levels, turns = LAYOUTS[name].levels, LAYOUTS[name].turns
     sizes = [part.channels * side * side for part, _, side in levels]
     assert got.shape == (3, layout_size(name)) == (3, sum(sizes))
     assert sum(share for _, share, _ in levels) == pytest.approx(1.0)
     torch.testing.assert_close(got.norm(dim=1), torch.ones(3))
-    for (part, share, side), block in zip(levels, got.split(sizes, dim=1), strict=True):
-        torch.testing.assert_close(block, part(images, side) * share ** 0.5)
+    views = [images] + [turned(images, sign * degrees) for degrees in turns for sign in (-1, 1)]
+    expected = sum(torch.cat([part(view, side) * share ** 0.5 for part, share, side in levels], dim=1)
+                   for view in views)
+    torch.testing.assert_close(got, F.normalize(expected, dim=1))
+
+
+def test_turned_is_a_turn_in_pixels():
+    """A quarter turn of a square image moves every pixel centre onto another (a rot90, the two
+    ways for -90 and 90 degrees), a half turn of a ragged one flips both axes; a small turn equals
+    a float64 bilinear reference (border repeated) on a ragged, non-square image."""
+    torch.manual_seed(0)
+    square = torch.rand(2, 3, 9, 9)
+    quarter = {degrees: turned(square, degrees) for degrees in (-90, 90)}
+    rotations = [torch.rot90(square, k, dims=(2, 3)) for k in (1, 3)]
+    for result in quarter.values():
+        assert min((result - rotation).abs().max() for rotation in rotations) < 1e-5
+    assert (quarter[90] - quarter[-90]).abs().max() > 0.1
+    ragged = torch.rand(2, 3, 11, 17)
+    torch.testing.assert_close(turned(ragged, 180), ragged.flip(2, 3), atol=1e-5, rtol=0)
+
+    height, width, degrees = 13, 21, 7.0
+    images = torch.rand(1, 2, height, width, dtype=torch.float64)
+    c, s = np.cos(np.radians(degrees)), np.sin(np.radians(degrees))
+    expected = np.zeros((2, height, width))
+    source = images[0].numpy()
+    for i in range(height):
+        for j in range(width):
+            x, y = j + 0.5 - width / 2, i + 0.5 - height / 2  # pixel centre about the image centre
+            u, v = c * x - s * y + width / 2 - 0.5, s * x + c * y + height / 2 - 0.5  # where it samples
+            u, v = min(max(u, 0.0), width - 1.0), min(max(v, 0.0), height - 1.0)
+            j0, i0 = min(int(u), width - 2), min(int(v), height - 2)
+            fu, fv = u - j0, v - i0
+            expected[:, i, j] = ((1 - fv) * ((1 - fu) * source[:, i0, j0] + fu * source[:, i0, j0 + 1])
+                                 + fv * ((1 - fu) * source[:, i0 + 1, j0] + fu * source[:, i0 + 1, j0 + 1]))
+    np.testing.assert_allclose(turned(images, degrees)[0].double().numpy(), expected, atol=1e-5)
+
+
+def test_a_turned_layout_exports_and_then_still_runs_eagerly():
+    """``torch.export`` (what the ONNX export uses) traces a turned layout with a dynamic batch from
+    an empty grid cache, and the eager layout afterwards equals the exported one (a tensor cached
+    while tracing would be a fake one and break the eager call)."""
+    class Layout_(torch.nn.Module):
+        def forward(self, images):
+            return layout_embedding(images, "edge_weighted_pyramid")
+
+    _turn_grid.cache_clear()
+    exported = torch.export.export(Layout_(), (torch.rand(2, 3, 40, 40),),
+                                   dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}})
+    images = torch.rand(3, 3, 40, 40)
+    torch.testing.assert_close(exported.module()(images), Layout_()(images))
+
+
+def test_turns_make_the_layout_forgive_a_tilt(monkeypatch):
+    """The same smooth pictures tilted by 6 degrees: the turned layout moves less than the same
+    levels without turns; different pictures stay far apart."""
+    torch.manual_seed(1)
+    pictures = 0.2 + 0.6 * F.interpolate(torch.rand(4, 3, 10, 10), size=(96, 96), mode="bilinear")
+    monkeypatch.setitem(LAYOUTS, "unturned", Layout(LAYOUTS["edge_weighted_pyramid"].levels))
+    tilted = turned(pictures, 6.0)
+
+    def moved(name):
+        return (layout_embedding(tilted, name) - layout_embedding(pictures, name)).norm(dim=1)
+
+    assert (moved("edge_weighted_pyramid") / moved("unturned")).max() < 0.9
+    others = layout_embedding(pictures.roll(1, dims=0), "edge_weighted_pyramid")
+    assert (others - layout_embedding(pictures, "edge_weighted_pyramid")).norm(dim=1).min() > 0.5
 
 
 def test_the_edges_are_half_of_the_edges_layouts(images):
@@ -157,10 +226,11 @@ def test_the_edges_are_half_of_the_edges_layouts(images):
 
 @pytest.mark.parametrize("name, edges_share", [("lighting_robust_edges_pyramid", 1 / 2),
                                                ("edge_weighted_pyramid", 2 / 3)])
-def test_a_pyramid_gives_each_part_its_share_split_equally_over_its_sides(name, edges_share, images):
+def test_a_pyramid_gives_each_part_its_share_split_equally_over_its_sides(name, edges_share, images, monkeypatch):
     """The edges part gets its share of the cosine, the three photometric parts the rest equally,
     and each of the three sides a third of every part."""
-    levels = LAYOUTS[name]
+    levels = LAYOUTS[name].levels
+    monkeypatch.setitem(LAYOUTS, name, Layout(levels))  # the shares, without the turns' mean
     blocks = layout_embedding(images, name).split([part.channels * side * side for part, _, side in levels], dim=1)
     by_part, by_side = {}, {}
     for (part, _, side), block in zip(levels, blocks, strict=True):

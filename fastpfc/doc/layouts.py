@@ -20,6 +20,8 @@ changes they ignore:
   cancel and what is left is where the text lines, borders and picture outlines run.
 
 :data:`LAYOUTS` names the combinations ``--layout`` offers; :func:`layout_embedding` computes one.
+A layout may also be taken of the image turned a few degrees either way and averaged (its
+``turns``): a camera's tilt then moves it less.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -146,36 +149,81 @@ def _levels(parts, sides: tuple[int, ...] = (LAYOUT_SIDE,)) -> tuple[Level, ...]
     return tuple((part, share / len(sides), side) for part, share in parts for side in sides)
 
 
-#: Layouts by the name ``--layout`` takes, as their levels. ``colour`` is what runs before
-#: ``--layout`` existed used; ``lighting_robust_edges`` gives half to the three photometric parts
-#: and half to the edges, all at 8 x 8; ``lighting_robust_edges_pyramid`` is that at 4 x 4, 6 x 6
-#: and 8 x 8, a third each; ``edge_weighted_pyramid`` (the default) is the pyramid with the edges
-#: at two thirds and the photometric parts at a third.
-LAYOUTS: dict[str, tuple[Level, ...]] = {
-    "colour": _levels(((colour_layout, 1.0),)),
-    "lighting_robust": _levels(((colour_layout, 1 / 3), (chromaticity_layout, 1 / 3), (shading_free_layout, 1 / 3))),
-    "lighting_robust_edges": _levels(_PHOTOMETRIC_AND_EDGES),
-    "lighting_robust_edges_pyramid": _levels(_PHOTOMETRIC_AND_EDGES, PYRAMID_SIDES),
-    "edge_weighted_pyramid": _levels(_EDGE_WEIGHTED, PYRAMID_SIDES),
+@dataclass(frozen=True)
+class Layout:
+    """A layout: its ``levels``, and the ``turns`` (degrees) by which the image is also turned,
+    each way, before the levels are taken; the layout is then the unit mean over the image and its
+    turned copies."""
+
+    levels: tuple[Level, ...]
+    turns: tuple[float, ...] = ()
+
+
+#: Layouts by the name ``--layout`` takes. ``colour`` is what runs before ``--layout`` existed
+#: used; ``lighting_robust_edges`` gives half to the three photometric parts and half to the edges,
+#: all at 8 x 8; ``lighting_robust_edges_pyramid`` is that at 4 x 4, 6 x 6 and 8 x 8, a third each;
+#: ``edge_weighted_pyramid`` (the default) is the pyramid with the edges at two thirds and the
+#: photometric parts at a third, averaged over the image and the image turned 7 degrees either way.
+LAYOUTS: dict[str, Layout] = {
+    "colour": Layout(_levels(((colour_layout, 1.0),))),
+    "lighting_robust": Layout(_levels(((colour_layout, 1 / 3), (chromaticity_layout, 1 / 3),
+                                       (shading_free_layout, 1 / 3)))),
+    "lighting_robust_edges": Layout(_levels(_PHOTOMETRIC_AND_EDGES)),
+    "lighting_robust_edges_pyramid": Layout(_levels(_PHOTOMETRIC_AND_EDGES, PYRAMID_SIDES)),
+    "edge_weighted_pyramid": Layout(_levels(_EDGE_WEIGHTED, PYRAMID_SIDES), turns=(7.0,)),
 }
 
 
 def layout_size(name: str) -> int:
     """Dimensions of layout ``name``: channels x side x side summed over its parts and levels."""
-    return sum(part.channels * side * side for part, _, side in LAYOUTS[name])
+    return sum(part.channels * side * side for part, _, side in LAYOUTS[name].levels)
+
+
+@functools.lru_cache(maxsize=16)
+def _turn_grid(height: int, width: int, degrees: float) -> np.ndarray:
+    """The [1, height, width, 2] float32 sampling grid of ``F.grid_sample`` (align_corners=False)
+    that turns an image by ``degrees`` about its centre, in pixels whatever its aspect. A numpy
+    array, not a tensor: a tensor cached while ``torch.export`` traces would be a fake one."""
+    c, s = math.cos(math.radians(degrees)), math.sin(math.radians(degrees))
+    y, x = np.meshgrid((2 * np.arange(height) + 1) / height - 1, (2 * np.arange(width) + 1) / width - 1,
+                       indexing="ij")
+    grid = np.stack([c * x - s * (height / width) * y, s * (width / height) * x + c * y], axis=-1)
+    return grid[None].astype(np.float32)
+
+
+def turned(images: torch.Tensor, degrees: float) -> torch.Tensor:
+    """``images`` [B, C, H, W] turned by ``degrees`` about their centre (bilinear; the border
+    repeated where the turn brings in what lay outside): [B, C, H, W] float32."""
+    grid = torch.as_tensor(_turn_grid(*images.shape[-2:], float(degrees)), device=images.device)
+    return F.grid_sample(images.float(), grid.expand(images.shape[0], -1, -1, -1), mode="bilinear",
+                         padding_mode="border", align_corners=False)
+
+
+def _levels_embedding(images: torch.Tensor, levels: tuple[Level, ...]) -> torch.Tensor:
+    """``levels`` of ``images`` side by side, each (a unit row) times the square root of its share;
+    each part's source is computed once."""
+    sources: dict[Callable, torch.Tensor] = {}
+    rows = []
+    for part, share, side in levels:
+        if part.source not in sources:
+            sources[part.source] = part.source(images, LAYOUT_CROP)
+        rows.append(part.at_side(sources[part.source], side) * share ** 0.5)
+    return torch.cat(rows, dim=1)
 
 
 def layout_embedding(images: torch.Tensor, name: str) -> torch.Tensor:
     """Layout ``name`` of ``images`` [B, 3, H, W]: its parts' levels side by side, each (a unit
     row) times the square root of its share, so rows stay unit and each level contributes its
-    share of a cosine: [B, layout_size(name)] float32. Each part's source is computed once."""
-    sources: dict[Callable, torch.Tensor] = {}
-    rows = []
-    for part, share, side in LAYOUTS[name]:
-        if part.source not in sources:
-            sources[part.source] = part.source(images, LAYOUT_CROP)
-        rows.append(part.at_side(sources[part.source], side) * share ** 0.5)
-    return torch.cat(rows, dim=1)
+    share of a cosine; with ``turns``, the unit mean of that over the image and its turned copies:
+    [B, layout_size(name)] float32."""
+    layout = LAYOUTS[name]
+    embedding = _levels_embedding(images, layout.levels)
+    if not layout.turns:
+        return embedding
+    for degrees in layout.turns:
+        for sign in (-1.0, 1.0):
+            embedding = embedding + _levels_embedding(turned(images, sign * degrees), layout.levels)
+    return F.normalize(embedding, dim=1)
 
 
 def layout_baseline(layout_weight: float, name: str) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:

@@ -100,13 +100,6 @@ def _smooth_field(rng: np.random.Generator, size: int, cells: int) -> np.ndarray
     return np.asarray(coarse.resize((size, size), Image.BICUBIC), dtype=np.float32) / 255.0
 
 
-def _card_grid(card: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of every pixel of ``card`` as shares of its width and height: two [H, W] float32."""
-    w, h = card.size
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    return xx / w, yy / h
-
-
 def _lit(pixels: np.ndarray) -> Image.Image:
     """``pixels`` (float, 0..255 scale, any range) clipped to 8 bits as an RGB image."""
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -152,7 +145,9 @@ def soft_shadow(card: Image.Image, rng: np.random.Generator) -> Image.Image:
 def corner_falloff(card: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Light from a lamp beyond one corner: brightness falling with the distance from it, to
     35-60% at the far side."""
-    xx, yy = _card_grid(card)
+    w, h = card.size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    xx, yy = xx / w, yy / h  # shares of the card's width and height
     lx, ly = rng.choice((-0.3, 1.3)) + rng.uniform(-0.2, 0.2), rng.choice((-0.3, 1.3)) + rng.uniform(-0.2, 0.2)
     distance = np.hypot(xx - lx, yy - ly)
     near, far = distance.min(), distance.max()

@@ -54,7 +54,7 @@ def main() -> None:
     config = TrainConfig(run_dir=args.run_dir, synthetic="documents", train_types=args.classes, per_type=1, views=1,
                          center_optimizer="adamw", sample_rate=1.0, real_captures=0, steps=args.steps,
                          batch_size=args.batch_size, image_size=args.image_size, warmup_steps=min(50, args.steps // 5),
-                         checkpoint_every=10 * args.steps, workers=args.workers)
+                         checkpoint_every=10 * args.steps, workers=args.workers, time_budget=0.0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = train(config, progress=False)
     records = [json.loads(line) for line in (Path(args.run_dir) / "metrics.jsonl").read_text().splitlines()]

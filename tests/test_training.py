@@ -264,6 +264,24 @@ def test_torchrun_trains_with_ddp_and_sharded_centers_and_resumes(tmp_path, cent
         torch.testing.assert_close(norms, torch.ones(10))
 
 
+def test_under_torchrun_every_rank_takes_the_time_budget_decision(tmp_path):
+    """Each rank measures its own pace; they train the fewest steps any of them found (a collective
+    at the decision step: a rank that decided alone would leave the others waiting)."""
+    from pathlib import Path
+
+    from helpers import torchrun
+
+    script = Path(__file__).resolve().parent.parent / "train.py"
+    done = torchrun(str(script), "--run-dir", str(tmp_path), "--image-size", "48", "--embedding-size", "16",
+                    "--train-types", "10", "--per-type", "4", "--eval-types", "4", "--eval-per-type", "2",
+                    "--batch-size", "8", "--warmup-steps", "2", "--workers", "0", "--real-captures", "0",
+                    "--steps", "8", "--time-budget", "0.0001")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "8 steps would end after" in done.stderr and "training 2 steps" in done.stderr
+    ranks = [torch.load(tmp_path / f"checkpoint-rank{r}.pt", weights_only=False) for r in range(2)]
+    assert [r["step"] for r in ranks] == [2, 2] and [r["plan"]["planned_steps"] for r in ranks] == [2, 2]
+
+
 def test_recalibrate_batchnorm_sets_the_plain_average_over_the_batches():
     from torch import nn
 
@@ -308,6 +326,7 @@ def test_train_py_help_lists_every_option():
     ("layout_weight", 1.0, r"--layout-weight must be in \[0, 1\)"),
     ("layout", "hog", "--layout must be one of colour, lighting_robust"),
     ("framing", "tight", "--framing must be one of snug, loose"),
+    ("time_budget", -2.0, "--time-budget must be -1 or a finite number of minutes >= 0"),
 ])
 def test_bad_options_fail_before_any_work(tmp_path, option, value, says):
     with pytest.raises(ValueError, match=says):
@@ -349,6 +368,28 @@ def test_generated_classes_train_and_eval_json_holds_the_real_image_check_and_ba
     reloaded = CheckpointEmbedder(tmp_path / "checkpoint.pt", device="cpu")
     assert reloaded.dim == 32 + 1740 and reloaded.model_id == saved["trained"]["model_id"]  # the pyramid layout
     assert reloaded(torch.rand(2, 3, 64, 64)).shape == (2, 32 + 1740)
+
+
+def test_a_run_over_its_time_budget_trains_the_steps_that_fit_exactly_as_a_shorter_run(tmp_path):
+    """A budget of a few milliseconds is spent before training: at the end of the warm-up the run
+    stops, and it is bit for bit the run started with that many steps. A resume keeps the decision;
+    a run within its budget trains every step and stores that it decided so."""
+    shortened = _config(tmp_path / "budget", steps=30, warmup_steps=4, time_budget=1e-4)
+    with pytest.warns(UserWarning, match=r"30 steps would end after .* over --time-budget 0.0001: training 4 steps"):
+        train(shortened, progress=False)
+    train(_config(tmp_path / "short", steps=4, warmup_steps=4, time_budget=0), progress=False)
+    budget, short = (torch.load(tmp_path / run / "checkpoint.pt", weights_only=False) for run in ("budget", "short"))
+    assert budget["step"] == short["step"] == 4 and budget["plan"]["planned_steps"] == 4
+    assert budget["plan"]["evaluation_seconds"] > 0
+    for key in short["model"]:
+        assert torch.equal(budget["model"][key], short["model"][key]), key
+    assert torch.equal(budget["loss"]["weight"], short["loss"]["weight"])
+    assert budget["schedulers"] == short["schedulers"]
+    train(shortened, progress=False)  # resumed: nothing left to train
+    assert len((tmp_path / "budget" / "metrics.jsonl").read_text().splitlines()) == 4
+    train(_config(tmp_path / "ample", steps=6, time_budget=60.0), progress=False)
+    ample = torch.load(tmp_path / "ample" / "checkpoint.pt", weights_only=False)
+    assert ample["step"] == ample["plan"]["planned_steps"] == 6
 
 
 def test_zero_steps_evaluates_and_writes_every_file(tmp_path):

@@ -25,8 +25,8 @@ import torch.distributed as dist
 from .files import atomic_output, content_digest
 
 #: Options that may differ when a run is resumed; any other difference is refused.
-RESUMABLE_CHANGES = frozenset({"run_dir", "steps", "workers", "checkpoint_every", "compile", "channels_last",
-                               "teacher_cache", "precise_bn_batches"})
+RESUMABLE_CHANGES = frozenset({"run_dir", "steps", "time_budget", "workers", "checkpoint_every", "compile",
+                               "channels_last", "teacher_cache", "precise_bn_batches"})
 #: What ``-m`` expects, for error messages.
 EXPECTED = "a train.py checkpoint (checkpoint.pt) or, where a model is only run, its .onnx export"
 #: Checkpoints written before the RNG states were stored as tensors pickled NumPy's state as an
@@ -150,11 +150,12 @@ def check_resumable(path: Path, saved: dict, current: dict) -> None:
                       "schedule from here on is the new one's", stacklevel=3)
 
 
-def training_state(step: int, config, student, loss_fn, optimizers: list, schedulers: list) -> dict:
+def training_state(step: int, config, student, loss_fn, optimizers: list, schedulers: list, plan: dict) -> dict:
     """Everything a resume needs, and the config ``CheckpointEmbedder`` rebuilds the model from.
-    ``optimizers`` (the network's, the centers') and their ``schedulers`` are saved as lists."""
+    ``optimizers`` (the network's, the centers') and their ``schedulers`` are saved as lists;
+    ``plan`` is the step plan's state (``fastpfc.doc.schedule.StepPlan.state``)."""
     return {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
             "config": asdict(config), "model": student.embedder.state_dict(), "loss": loss_fn.state_dict(),
             "projection": student.projection.state_dict() if student.projection is not None else None,
             "optimizers": [o.state_dict() for o in optimizers], "schedulers": [s.state_dict() for s in schedulers],
-            "rng": rng_state()}
+            "plan": plan, "rng": rng_state()}

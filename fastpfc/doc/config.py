@@ -72,7 +72,12 @@ class TrainConfig:
     eval_per_type: int = _option(8, "captures per evaluation type")
     real_captures: int = _option(8, "photographs per template of the real-image checks, plain and under harsh "
                                     "light (sample images shipped by scikit-image and matplotlib); 0 skips them")
-    steps: int = _option(800, "optimizer steps")
+    steps: int = _option(800, "optimizer steps (at most; see --time-budget)")
+    time_budget: float = _option(-1.0, "minutes the run may take, its evaluations included: at the end of the warm-up "
+                                       "(step 40 at the latest) it measures its pace and, if --steps would go over, "
+                                       "trains the steps that fit (a multiple of 10; kept on resume). -1: 9 minutes "
+                                       "when --steps is left at its default, no limit when --steps is given; 0: no "
+                                       "limit")
     batch_size: int = _option(64, "images per step")
     lr: float = _option(6e-3, "peak learning rate of the backbone and head")
     freeze_backbone: bool = _option(False, "keep the backbone's initial weights (train the head only)")
@@ -111,6 +116,7 @@ class TrainConfig:
 #: rather than after an evaluation or at the end of a run.
 _OPTION_RULES = {
     "steps": (lambda v: v >= 0, "an integer >= 0"),
+    "time_budget": (lambda v: v == -1 or (math.isfinite(v) and v >= 0), "-1 or a finite number of minutes >= 0"),
     "batch_size": (lambda v: v >= 1, "an integer >= 1"),
     "checkpoint_every": (lambda v: v >= 1, "an integer >= 1"),
     "warmup_steps": (lambda v: v >= 0, "an integer >= 0"),

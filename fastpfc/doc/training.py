@@ -1,8 +1,9 @@
 """Training of the document embedder with PartialFCLoss (and optional CLIP distillation) and
 exact-resume checkpoints; one process or ``torchrun`` (DDP backbone, sharded centers). The options
 are :mod:`fastpfc.doc.config`'s, the data and batches :mod:`fastpfc.doc.training_data`'s, the
-processes and cores :mod:`fastpfc.doc.ranks`', the run folder's records
-:mod:`fastpfc.doc.run_records`' and the evaluations :mod:`fastpfc.doc.run_evaluation`'s."""
+processes and cores :mod:`fastpfc.doc.ranks`', the number of steps and their learning rates
+:mod:`fastpfc.doc.schedule`'s, the run folder's records :mod:`fastpfc.doc.run_records`' and the
+evaluations :mod:`fastpfc.doc.run_evaluation`'s."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .model import DocumentEmbedder, recalibrate_batchnorm
 from .ranks import agree, loader_workers, set_step_threads, start_distributed
 from .run_evaluation import EvaluationSets, evaluate, evaluate_model
 from .run_records import append_metrics, plot_run, read_json, truncate_metrics
+from .schedule import StepPlan, budget_minutes, warmup_then_decay
 from .training_data import BatchSchedule, IndexedItems, training_data
 
 
@@ -51,16 +53,6 @@ def set_prototypes(loss_fn: PartialFCLoss, embeddings: torch.Tensor, labels: tor
     sums = features.new_zeros(len(classes), features.shape[1]).index_add_(0, inverse, features)
     mine = (classes >= loss_fn.class_start) & (classes < loss_fn.class_stop)
     loss_fn.weight[classes[mine] - loss_fn.class_start] = F.normalize(sums[mine], dim=1)
-
-
-def warmup_then_decay(config: TrainConfig):
-    """Learning-rate factor of each step: linear warm-up, then cosine or polynomial decay to 0."""
-    def factor(step: int) -> float:
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * progress)) if config.schedule == "cosine" else (1 - progress) ** 2
-    return factor
 
 
 class Student(nn.Module):
@@ -97,9 +89,18 @@ def _teacher(config: TrainConfig, device: torch.device, progress: bool):
     return features, teacher.dim
 
 
+def _evaluate_untrained(path: Path, embedder: DocumentEmbedder, sets: EvaluationSets, device: torch.device) -> float:
+    """Write the untrained network's evaluation to ``path``; returns its seconds (the evaluation
+    images' rendering included)."""
+    started = time.perf_counter()
+    write_text_atomic(path, json.dumps(evaluate_model(embedder, sets, device)))
+    return time.perf_counter() - started
+
+
 def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn, optimizers: list,
-                     schedulers: list, world: int, device: torch.device) -> int:
-    """Restore everything from ``path``; returns its step. If any rank fails, every rank raises."""
+                     schedulers: list, plan: StepPlan, world: int, device: torch.device) -> int:
+    """Restore everything from ``path`` (the step plan included); returns its step. If any rank
+    fails, every rank raises."""
     error, step = None, -1
     try:
         state = read_checkpoint(path)
@@ -120,6 +121,7 @@ def _load_checkpoint(path: Path, config: TrainConfig, student: Student, loss_fn,
             optimizer.load_state_dict(saved)
             scheduler.load_state_dict(saved_schedule)
         set_rng_state(state["rng"])
+        plan.load_state(state.get("plan"), state["config"]["steps"])
         step = state["step"]
     except Exception as caught:  # noqa: BLE001 - whatever it is, every rank must learn of it
         error = caught
@@ -145,6 +147,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     from tqdm import tqdm
 
     check_config(config)
+    plan = StepPlan(config.steps, budget_minutes(config), config.warmup_steps, started=time.perf_counter())
     rank, world, device = start_distributed()
     lead = rank == 0
     progress = progress and lead
@@ -170,7 +173,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         loss_fn.weight.requires_grad_(False)
     else:
         optimizers.append(CENTER_OPTIMIZERS[config.center_optimizer](loss_fn.parameters(), lr=config.center_lr))
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup_then_decay(config)) for o in optimizers]
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, warmup_then_decay(config, plan)) for o in optimizers]
     checkpoint, start = run / ("checkpoint.pt" if world == 1 else f"checkpoint-rank{rank}.pt"), 0
     other_layout = list(run.glob("checkpoint-rank*.pt")) if world == 1 else list(run.glob("checkpoint.pt"))
     if other_layout:
@@ -185,12 +188,12 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         if lead and read_json(untrained_path) is None:  # the network still has its initial weights here
             warnings.warn(f"{untrained_path} is missing or unreadable: evaluating the untrained network again",
                           stacklevel=2)
-            write_text_atomic(untrained_path, json.dumps(evaluate_model(embedder, evaluation_sets, device)))
-        start = _load_checkpoint(checkpoint, config, student, loss_fn, optimizers, schedulers, world, device)
+            plan.evaluation_seconds = _evaluate_untrained(untrained_path, embedder, evaluation_sets, device)
+        start = _load_checkpoint(checkpoint, config, student, loss_fn, optimizers, schedulers, plan, world, device)
         if lead:
             truncate_metrics(run / "metrics.jsonl", start)
     elif lead:
-        write_text_atomic(untrained_path, json.dumps(evaluate_model(embedder, evaluation_sets, device)))
+        plan.evaluation_seconds = _evaluate_untrained(untrained_path, embedder, evaluation_sets, device)
     if lead:
         write_text_atomic(run / "config.json", json.dumps(asdict(config), indent=2))
     network = nn.parallel.DistributedDataParallel(student) if world > 1 else student
@@ -198,15 +201,16 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
         network = torch.compile(network)
 
     group = config.views if config.data is None else 1
-    schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, config.steps, rank, world, group)
+    schedule = BatchSchedule(len(data), config.batch_size, config.seed, start, max(start, plan.steps), rank, world,
+                             group)
     workers = loader_workers(config, device)
     loader = torch.utils.data.DataLoader(IndexedItems(data), batch_sampler=schedule, num_workers=workers,
                                          pin_memory=device.type == "cuda")
     distill = DISTILL_LOSSES.get(config.distill_loss)
     step = start
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train")
+    bar = tqdm(total=plan.steps, initial=start, disable=not progress, desc="train")
     interrupted = _StopOnInterrupt()
-    last = time.perf_counter()
+    last, step_seconds = time.perf_counter(), []
     threads = set_step_threads(workers, device)
     try:
         student.train()  # the evaluations before and after the loop switch it to eval mode
@@ -249,16 +253,25 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             step += 1
             now = time.perf_counter()
             rate = world * len(labels) / (now - last)  # wall clock, data loading included
+            step_seconds.append(now - last)
             last = now
+            shortened = plan.after_step(step, step_seconds, now, world, device)
+            if shortened is not None:
+                bar.total = plan.steps
+                if lead:
+                    warnings.warn(shortened, stacklevel=2)
             if lead:
                 append_metrics(run / "metrics.jsonl", {"step": step, "loss": total, **record,
                                                         "lr": schedulers[0].get_last_lr()[0], "images_per_s": rate})
             bar.update(1)
             bar.set_postfix(loss=f"{total:.3f}", lr=f"{schedulers[0].get_last_lr()[0]:.2e}", img_s=f"{rate:.0f}")
             if step % config.checkpoint_every == 0 or stop:
-                save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizers, schedulers))
+                save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizers, schedulers,
+                                                           plan.state()))
             if stop:
                 raise KeyboardInterrupt(f"interrupted: step {step} saved to {checkpoint}; run again to resume")
+            if step >= plan.steps:
+                break
     finally:
         bar.close()
         interrupted.restore()
@@ -268,7 +281,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
                                  group)
         recalibrate_batchnorm(student.embedder, (torch.stack([data[item][0] for item in batch]).to(device)
                                                  for batch in schedule))
-    save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizers, schedulers))
+    save_checkpoint(checkpoint, training_state(step, config, student, loss_fn, optimizers, schedulers, plan.state()))
     if not lead:
         dist.barrier()
         return {}

@@ -25,19 +25,25 @@ def test_a_run_that_fits_keeps_its_steps_and_one_that_does_not_trains_what_fits(
     assert steps_within(800, 37, 1.0, 600.0, 30.0, 540.0) == 37  # already over: stop where it is
 
 
+def _steps(plan: StepPlan, seconds: list[float], now: float) -> list[str | None]:
+    """Feed ``plan`` steps 1, 2, ... taking ``seconds`` each, the last ending at ``now``."""
+    return [plan.after_step(step, took, now, 1, CPU) for step, took in enumerate(seconds, start=1)]
+
+
 def test_the_plan_decides_once_at_the_end_of_the_warm_up_or_step_40_and_resumes_its_decision():
     plan = StepPlan(800, budget_minutes=9.0, warmup_steps=50, started=0.0)
     assert plan.decision_step == 40 and plan.state() == {"planned_steps": None, "evaluation_seconds": 0.0}
     plan.evaluation_seconds = 30.0
     seconds = [5.0] * 10 + [1.0] * 30  # the first quarter (the loader starting) is left out
-    assert plan.after_step(39, seconds[:39], 60.0, 1, CPU) is None and plan.steps == 800
-    message = plan.after_step(40, seconds, 60.0, 1, CPU)
-    assert plan.steps == 490 and "over --time-budget 9: training 490 steps" in message
-    assert plan.after_step(40, seconds, 600.0, 1, CPU) is None and plan.steps == 490  # decided once
+    said = _steps(plan, seconds, now=60.0)
+    assert said[:39] == [None] * 39 and plan.steps == 490  # 60 s so far, 1 s a step, 30 s to evaluate
+    assert "800 steps would end after 14.2 minutes, over --time-budget 9: training 490 steps" in said[39]
+    assert plan.after_step(41, 1e3, 600.0, 1, CPU) is None and plan.steps == 490  # decided once
+    assert plan.state() == {"planned_steps": 490, "evaluation_seconds": 30.0}
     resumed = StepPlan(800, budget_minutes=9.0, warmup_steps=50, started=1e6)
     resumed.load_state(plan.state(), saved_steps=800)
     assert resumed.steps == 490 and resumed.evaluation_seconds == 30.0
-    assert resumed.after_step(40, seconds, 1e6 + 1.0, 1, CPU) is None and resumed.steps == 490
+    assert _steps(resumed, [1e3] * 40, now=1e7) == [None] * 40 and resumed.steps == 490
     asked_more = StepPlan(1000, budget_minutes=9.0, warmup_steps=50, started=0.0)
     asked_more.load_state(plan.state(), saved_steps=800)  # --steps changed on resume: the new one holds
     assert asked_more.steps == 1000
@@ -54,13 +60,12 @@ def test_the_plan_decides_once_at_the_end_of_the_warm_up_or_step_40_and_resumes_
 def test_no_decision_without_a_budget_or_steps_after_it_and_at_least_two_steps_measured(budget, warmup, steps,
                                                                                          decides_at):
     plan = StepPlan(steps, budget_minutes=budget, warmup_steps=warmup, started=0.0)
-    late = [100.0] * 50
+    said = _steps(plan, [100.0] * 50, now=1e4)
     if decides_at is None:
-        assert plan.state()["planned_steps"] == steps
-        assert plan.after_step(plan.decision_step, late, 1e4, 1, CPU) is None and plan.steps == steps
+        assert said == [None] * 50 and plan.steps == steps == plan.state()["planned_steps"]
     else:
-        assert plan.decision_step == decides_at
-        assert plan.after_step(decides_at, late[:decides_at], 1e4, 1, CPU) is not None and plan.steps == decides_at
+        assert plan.decision_step == decides_at and plan.steps == decides_at
+        assert [message is not None for message in said] == [step == decides_at for step in range(1, 51)]
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "poly"])

@@ -55,7 +55,7 @@ class StepPlan:
     def __init__(self, requested: int, budget_minutes: float, warmup_steps: int, started: float) -> None:
         self.requested, self.budget_seconds, self.started = requested, 60.0 * budget_minutes, started
         self.decision_step = max(2, min(warmup_steps, DECIDE_BY))
-        self.steps, self.evaluation_seconds = requested, 0.0
+        self.steps, self.evaluation_seconds, self.step_seconds = requested, 0.0, []
         self.decided = budget_minutes == 0 or requested <= self.decision_step
 
     def state(self) -> dict:
@@ -73,13 +73,17 @@ class StepPlan:
             keep = saved_steps == self.requested and self.budget_seconds > 0
             self.steps, self.decided = state["planned_steps"] if keep else self.requested, True
 
-    def after_step(self, step: int, step_seconds: list[float], now: float, world: int,
-                   device: torch.device) -> str | None:
-        """Take the decision once ``step`` steps are done, if it is time; every rank takes the
-        fewest steps any rank found. Returns what was decided when the run is shortened."""
-        if self.decided or step != self.decision_step:
+    def after_step(self, step: int, seconds: float, now: float, world: int, device: torch.device) -> str | None:
+        """Note that step ``step`` took ``seconds``, and take the decision if it is time; every
+        rank takes the fewest steps any rank found. Returns what was decided when the run is
+        shortened."""
+        if self.decided:
             return None
-        elapsed, pace = now - self.started, statistics.median(step_seconds[len(step_seconds) // 4:])
+        self.step_seconds.append(seconds)
+        if step != self.decision_step:
+            return None
+        measured = self.step_seconds[len(self.step_seconds) // 4:]
+        elapsed, pace = now - self.started, statistics.median(measured)
         fitting = steps_within(self.requested, step, pace, elapsed, self.evaluation_seconds, self.budget_seconds)
         self.steps, self.decided = -agree([-fitting], world, device)[0], True
         if self.steps == self.requested:

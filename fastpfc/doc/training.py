@@ -210,7 +210,7 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
     step = start
     bar = tqdm(total=plan.steps, initial=start, disable=not progress, desc="train")
     interrupted = _StopOnInterrupt()
-    last, step_seconds = time.perf_counter(), []
+    last = time.perf_counter()
     threads = set_step_threads(workers, device)
     try:
         student.train()  # the evaluations before and after the loop switch it to eval mode
@@ -253,9 +253,8 @@ def train(config: TrainConfig, progress: bool = True) -> dict:
             step += 1
             now = time.perf_counter()
             rate = world * len(labels) / (now - last)  # wall clock, data loading included
-            step_seconds.append(now - last)
+            shortened = plan.after_step(step, now - last, now, world, device)
             last = now
-            shortened = plan.after_step(step, step_seconds, now, world, device)
             if shortened is not None:
                 bar.total = plan.steps
                 if lead:
